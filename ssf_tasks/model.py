@@ -1,0 +1,327 @@
+"""MultiTaskSSF: one frozen timm backbone, many tasks, each a row in every SSF table plus a head.
+
+Everything a task owns lives in tables indexed by task: ``ssf_scale`` / ``ssf_shift`` at every site
+(``[T, C]``) and the heads (``head_weight [T, K_max, D]``, ``head_bias [T, K_max]``). A mixed batch gathers
+each sample's rows; a batch of one task broadcasts one row. The backbone is frozen and always runs in eval
+mode: its weights and BatchNorm statistics are shared by every task and never change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import (
+    BackboneError,
+    BatchMismatchError,
+    DuplicateTaskError,
+    StateDictMismatchError,
+    TaskNotFoundError,
+)
+from .sites import find_sites
+from .ssf import SSFLayer, TaskRouting
+
+__all__ = ["MultiTaskSSF", "Tasks"]
+
+Tasks = str | Sequence[str] | torch.Tensor
+_SSF_KEYS = ("ssf_scale", "ssf_shift")
+
+
+class MultiTaskSSF(nn.Module):
+    """A frozen timm backbone with SSF sites and per-task heads.
+
+    The backbone is adapted in place (its sites are replaced by ``SSFLayer`` wrappers, as PEFT does) and
+    frozen; its original weights stay reachable through :meth:`backbone_state_dict`.
+
+    Args:
+        backbone: a timm model created with ``num_classes=0``.
+        include: optional name patterns restricting the sites (see :func:`ssf_tasks.sites.find_sites`).
+        exclude: optional name patterns removing sites.
+        sigma: standard deviation of the initial γ ~ N(1, σ) and β ~ N(0, σ) of a new task.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        sigma: float = 0.02,
+    ) -> None:
+        super().__init__()
+        for method in ("forward_features", "forward_head", "get_classifier", "reset_classifier"):
+            if not hasattr(backbone, method):
+                raise BackboneError(f"{type(backbone).__name__} is not a timm model (it has no {method}())")
+        if not isinstance(backbone.get_classifier(), nn.Identity):
+            raise BackboneError("the backbone must be created with num_classes=0 (its classifier is not empty)")
+        backbone.requires_grad_(False)
+        backbone.eval()
+        self.backbone = backbone
+        self.sigma = sigma
+        self.routing = TaskRouting()
+        self.site_names: list[str] = []
+        for spec in find_sites(backbone, include, exclude):
+            backbone.set_submodule(spec.name, SSFLayer(spec.module, spec.rule, self.routing))
+            self.site_names.append(spec.name)
+        weight = next(iter(backbone.parameters()))
+        self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        factory = {"dtype": torch.float32, "device": weight.device}
+        self.head_weight = nn.Parameter(torch.zeros(0, 0, self.num_features, **factory))
+        self.head_bias = nn.Parameter(torch.zeros(0, 0, **factory))
+        self.register_buffer("class_counts", torch.zeros(0, dtype=torch.long, device=weight.device), persistent=False)
+        self.task_names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    # ----------------------------------------------------------------------------------------- introspection
+    @property
+    def sites(self) -> list[SSFLayer]:
+        """The SSF layers, in the order of ``site_names``."""
+        return [self.backbone.get_submodule(name) for name in self.site_names]
+
+    @property
+    def ssf_parameters_per_task(self) -> int:
+        """How many γ/β numbers one task owns (0.206M for ViT-B/16 with the paper's placement)."""
+        return sum(s.channels * (2 if s.ssf_shift is not None else 1) for s in self.sites)
+
+    @property
+    def max_classes(self) -> int:
+        return int(self.head_weight.shape[1])
+
+    def num_classes(self, name: str) -> int:
+        return int(self.class_counts[self.task_index(name)])
+
+    def task_index(self, name: str) -> int:
+        """The row of task ``name`` in every table."""
+        try:
+            return self._index[name]
+        except KeyError:
+            known = ", ".join(self.task_names) if self.task_names else "none"
+            raise TaskNotFoundError(f"unknown task {name!r}; known tasks: {known}") from None
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen backbone's weights under timm's own keys (SSF tables left out)."""
+        out = {}
+        for key, value in self.backbone.state_dict().items():
+            if key.rsplit(".", 1)[-1] not in _SSF_KEYS:
+                out[key.replace(".base_layer.", ".")] = value
+        return out
+
+    def train(self, mode: bool = True) -> MultiTaskSSF:
+        """Switch heads/SSF to training; the frozen backbone stays in eval mode (BatchNorm statistics fixed)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------- tasks
+    def _tables(self) -> Iterator[tuple[nn.Module, str]]:
+        for site in self.sites:
+            yield site, "ssf_scale"
+            if site.ssf_shift is not None:
+                yield site, "ssf_shift"
+        yield self, "head_weight"
+        yield self, "head_bias"
+
+    def _set_tasks(self, names: list[str]) -> None:
+        self.task_names = names
+        self._index = {n: i for i, n in enumerate(names)}
+
+    def add_task(self, name: str, num_classes: int, *, generator: torch.Generator | None = None) -> None:
+        """Add a task: γ ~ N(1, σ), β ~ N(0, σ) at every site and a fresh head of ``num_classes`` outputs.
+
+        Earlier tasks' rows are copied unchanged, so their outputs stay bit-identical.
+        """
+        if not isinstance(name, str) or not name:
+            raise DuplicateTaskError(f"a task name must be a non-empty string, got {name!r}")
+        if name in self._index:
+            raise DuplicateTaskError(f"task {name!r} already exists")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise StateDictMismatchError(f"num_classes must be a positive integer, got {num_classes!r}")
+        with torch.no_grad():
+            for site in self.sites:
+                noise = torch.randn(2, site.channels, generator=generator) * self.sigma
+                _append_row(site, "ssf_scale", 1.0 + noise[0])
+                if site.ssf_shift is not None:
+                    _append_row(site, "ssf_shift", noise[1])
+            head = torch.empty(num_classes, self.num_features)
+            bound = 1.0 / math.sqrt(self.num_features)  # nn.Linear's default range
+            head.uniform_(-bound, bound, generator=generator)
+            self._append_head(head, torch.zeros(num_classes))
+        self._set_tasks([*self.task_names, name])
+
+    def _append_head(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        k = max(self.max_classes, weight.shape[0])
+        old_w, old_b = self.head_weight.detach(), self.head_bias.detach()
+        new_w = old_w.new_zeros(old_w.shape[0] + 1, k, self.num_features)
+        new_b = old_b.new_zeros(old_b.shape[0] + 1, k)
+        new_w[:-1, : old_w.shape[1]] = old_w
+        new_b[:-1, : old_b.shape[1]] = old_b
+        new_w[-1, : weight.shape[0]] = weight.to(new_w)
+        new_b[-1, : bias.shape[0]] = bias.to(new_b)
+        self.head_weight = nn.Parameter(new_w, requires_grad=self.head_weight.requires_grad)
+        self.head_bias = nn.Parameter(new_b, requires_grad=self.head_bias.requires_grad)
+        self.class_counts = torch.cat([self.class_counts, self.class_counts.new_tensor([weight.shape[0]])])
+
+    def remove_task(self, name: str) -> None:
+        """Drop a task's rows from every table; other tasks are unaffected."""
+        keep = [i for i in range(len(self.task_names)) if i != self.task_index(name)]
+        with torch.no_grad():
+            for module, attr in self._tables():
+                table = getattr(module, attr)
+                setattr(module, attr, nn.Parameter(table.detach()[keep].clone(), requires_grad=table.requires_grad))
+        self.class_counts = self.class_counts[keep]
+        self._set_tasks([n for n in self.task_names if n != name])
+
+    def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """One task's γ/β (``<site>.ssf_scale``, ``<site>.ssf_shift``) and head (``head.weight``, ``head.bias``)."""
+        t, k = self.task_index(name), self.num_classes(name)
+        state = {}
+        for site_name, site in zip(self.site_names, self.sites):
+            state[f"{site_name}.ssf_scale"] = site.ssf_scale[t].detach().clone()
+            if site.ssf_shift is not None:
+                state[f"{site_name}.ssf_shift"] = site.ssf_shift[t].detach().clone()
+        state["head.weight"] = self.head_weight[t, :k].detach().clone()
+        state["head.bias"] = self.head_bias[t, :k].detach().clone()
+        return state
+
+    def load_task(self, name: str, state: dict[str, torch.Tensor], *, replace: bool = False) -> None:
+        """Add task ``name`` from a :meth:`task_state_dict` (checked key by key before anything changes)."""
+        expected: dict[str, tuple[int, ...]] = {}
+        for site_name, site in zip(self.site_names, self.sites):
+            expected[f"{site_name}.ssf_scale"] = (site.channels,)
+            if site.ssf_shift is not None:
+                expected[f"{site_name}.ssf_shift"] = (site.channels,)
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected and k not in ("head.weight", "head.bias")]
+        if missing or unexpected:
+            which = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+            raise StateDictMismatchError(
+                f"task state for {name!r} does not fit this backbone: {which} "
+                f"({len(missing)} missing, {len(unexpected)} unexpected)"
+            )
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise StateDictMismatchError(
+                    f"task state for {name!r}: {key!r} has shape {tuple(state[key].shape)}, this backbone needs {shape}"
+                )
+        weight, bias = state.get("head.weight"), state.get("head.bias")
+        if weight is None or bias is None:
+            raise StateDictMismatchError(f"task state for {name!r}: missing key 'head.weight' or 'head.bias'")
+        if weight.ndim != 2 or weight.shape[1] != self.num_features or tuple(bias.shape) != (weight.shape[0],):
+            raise StateDictMismatchError(
+                f"task state for {name!r}: 'head.weight' {tuple(weight.shape)} / 'head.bias' {tuple(bias.shape)} "
+                f"do not fit features of size {self.num_features}"
+            )
+        if name in self._index:
+            if not replace:
+                raise DuplicateTaskError(f"task {name!r} already exists")
+            self.remove_task(name)
+        self.add_task(name, int(weight.shape[0]))
+        t = self.task_index(name)
+        with torch.no_grad():
+            for site_name, site in zip(self.site_names, self.sites):
+                site.ssf_scale[t] = state[f"{site_name}.ssf_scale"].to(site.ssf_scale)
+                if site.ssf_shift is not None:
+                    site.ssf_shift[t] = state[f"{site_name}.ssf_shift"].to(site.ssf_shift)
+            self.head_weight[t, : weight.shape[0]] = weight.to(self.head_weight)
+            self.head_bias[t, : bias.shape[0]] = bias.to(self.head_bias)
+
+    @contextmanager
+    def isolate_tasks(self, names: Sequence[str]) -> Iterator[list[nn.Parameter]]:
+        """Train only ``names``: every table is swapped for a small one holding just their rows.
+
+        The optimizer gets these small tables, so the other tasks' rows are not even in the graph and cannot
+        change (not through weight decay either). On a clean exit the trained rows are written back; on an
+        exception the model is restored untouched.
+
+        Yields:
+            The parameters to optimise (small γ/β tables and heads).
+        """
+        rows = [self.task_index(n) for n in names]
+        if len(set(rows)) != len(rows):
+            raise DuplicateTaskError(f"a task is named twice in {list(names)}")
+        full = {key: getattr(*key) for key in self._tables()}
+        saved_names, saved_counts = self.task_names, self.class_counts
+        for (module, attr), table in full.items():
+            setattr(module, attr, nn.Parameter(table.detach()[rows].clone()))
+        self.class_counts = saved_counts[rows]
+        self._set_tasks(list(names))
+        trained = [getattr(*key) for key in full]
+        finished = False
+        try:
+            yield trained
+            finished = True
+        finally:
+            for (module, attr), table in full.items():
+                setattr(module, attr, table)
+            self.class_counts = saved_counts
+            self._set_tasks(saved_names)
+            if finished:
+                with torch.no_grad():
+                    for table, small in zip(full.values(), trained):
+                        table[rows] = small.detach().to(table.dtype)
+
+    # ----------------------------------------------------------------------------------------- forward
+    def resolve_tasks(self, tasks: Tasks, batch: int) -> int | torch.Tensor:
+        """Per-sample task rows: an ``int`` when one task serves the whole batch, else a LongTensor ``[B]``."""
+        if isinstance(tasks, str):
+            return self.task_index(tasks)
+        if isinstance(tasks, torch.Tensor):
+            if tasks.ndim != 1 or tasks.shape[0] != batch:
+                raise BatchMismatchError(f"got {tuple(tasks.shape)} task indices for a batch of {batch}")
+            if tasks.dtype != torch.long:
+                raise BatchMismatchError(f"task indices must be a LongTensor, got {tasks.dtype}")
+            return tasks.to(self.class_counts.device)
+        names = list(tasks)
+        if len(names) != batch:
+            raise BatchMismatchError(f"got {len(names)} task names for a batch of {batch} images")
+        unique = set(names)
+        if len(unique) == 1:
+            return self.task_index(names[0])
+        lookup = {n: self.task_index(n) for n in unique}
+        return torch.tensor([lookup[n] for n in names], dtype=torch.long, device=self.class_counts.device)
+
+    def _backbone_features(self, images: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+        self.routing.index = index
+        try:
+            return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+        finally:
+            self.routing.index = None
+
+    def forward_features(self, images: torch.Tensor, tasks: Tasks) -> torch.Tensor:
+        """Pre-logits features ``[B, D]`` with each sample's own γ/β."""
+        return self._backbone_features(images, self.resolve_tasks(tasks, images.shape[0]))
+
+    def forward(self, images: torch.Tensor, tasks: Tasks) -> torch.Tensor:
+        """Logits ``[B, max_classes]``; columns past a sample's own class count are ``-inf``."""
+        index = self.resolve_tasks(tasks, images.shape[0])
+        return self.head(self._backbone_features(images, index), index)
+
+    def head(self, features: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+        """Apply each sample's task head to its features, padding with ``-inf``."""
+        features = features.to(self.head_weight.dtype)
+        columns = torch.arange(self.max_classes, device=features.device)
+        if isinstance(index, int):
+            logits = torch.addmm(self.head_bias[index], features, self.head_weight[index].t())
+            invalid = (columns >= self.class_counts[index]).unsqueeze(0)
+        else:
+            logits = torch.baddbmm(
+                self.head_bias[index].unsqueeze(-1), self.head_weight[index], features.unsqueeze(-1)
+            ).squeeze(-1)
+            invalid = columns.unsqueeze(0) >= self.class_counts[index].unsqueeze(1)
+        return logits.masked_fill(invalid, float("-inf"))
+
+    def fold(self, name: str) -> nn.Module:
+        """A plain timm model of the backbone's class with task ``name`` folded in (see :mod:`ssf_tasks.fold`)."""
+        from .fold import fold_task
+
+        return fold_task(self, name)
+
+
+def _append_row(module: nn.Module, attr: str, row: torch.Tensor) -> None:
+    table = getattr(module, attr)
+    grown = torch.cat([table.detach(), row.to(table).unsqueeze(0)])
+    setattr(module, attr, nn.Parameter(grown, requires_grad=table.requires_grad))
