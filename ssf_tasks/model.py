@@ -303,15 +303,14 @@ class MultiTaskSSF(nn.Module):
     def head(self, features: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
         """Apply each sample's task head to its features, padding with ``-inf``."""
         features = features.to(self.head_weight.dtype)
-        columns = torch.arange(self.max_classes, device=features.device)
         if isinstance(index, int):
-            logits = torch.addmm(self.head_bias[index], features, self.head_weight[index].t())
-            invalid = (columns >= self.class_counts[index]).unsqueeze(0)
-        else:
-            logits = torch.baddbmm(
-                self.head_bias[index].unsqueeze(-1), self.head_weight[index], features.unsqueeze(-1)
-            ).squeeze(-1)
-            invalid = columns.unsqueeze(0) >= self.class_counts[index].unsqueeze(1)
+            # Only the task's own columns are computed, so its logits do not depend on other tasks' widths.
+            k = int(self.class_counts[index])
+            logits = torch.addmm(self.head_bias[index, :k], features, self.head_weight[index, :k].t())
+            return nn.functional.pad(logits, (0, self.max_classes - k), value=float("-inf"))
+        logits = (self.head_weight[index] * features.unsqueeze(1)).sum(-1) + self.head_bias[index]
+        columns = torch.arange(self.max_classes, device=features.device)
+        invalid = columns.unsqueeze(0) >= self.class_counts[index].unsqueeze(1)
         return logits.masked_fill(invalid, float("-inf"))
 
     def fold(self, name: str) -> nn.Module:

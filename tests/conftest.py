@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny timm models of every family, a device from SSF_TASKS_TEST_DEVICE, asset paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+# (timm name, create_model kwargs, input size): small configurations of the paper's CNN / Transformer / MLP
+# families, plus timm's fused norm+act variants (BatchNormAct2d, GroupNormAct, LayerNormAct2d) and RmsNorm.
+FAMILIES: dict[str, tuple[str, dict, int]] = {
+    "vit": ("test_vit", {}, 160),
+    "vit_rmsnorm": ("test_vit4", {}, 160),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "img_size": 64, "window_size": 4},
+        64,
+    ),
+    "convnext": ("test_convnext", {}, 64),
+    "resnet": ("test_resnet", {}, 64),
+    "efficientnet": ("test_efficientnet", {}, 64),
+    "efficientnet_gn": ("test_efficientnet_gn", {}, 64),
+    "efficientnet_ln": ("test_efficientnet_ln", {}, 64),
+    "mixer": ("mixer_s32_224", {"img_size": 64}, 64),
+}
+
+
+def device_under_test() -> torch.device:
+    return torch.device(os.environ.get("SSF_TASKS_TEST_DEVICE", "cpu"))
+
+
+def make_backbone(family: str) -> torch.nn.Module:
+    name, kwargs, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=0, **kwargs).eval().to(device_under_test())
+
+
+def make_images(family: str, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    size = FAMILIES[family][2]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=generator).to(device_under_test())
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return device_under_test()
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    if not ASSETS.is_dir():
+        pytest.skip(f"shared assets not found at {ASSETS}")
+    return ASSETS

@@ -1,0 +1,239 @@
+"""MultiTaskSSF across model families: identity at γ=1/β=0, mixed batches, isolation of tasks, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import FAMILIES, make_backbone, make_images
+from ssf_tasks import (
+    BackboneError,
+    BatchMismatchError,
+    DuplicateTaskError,
+    MultiTaskSSF,
+    NoSitesError,
+    StateDictMismatchError,
+    TaskNotFoundError,
+)
+
+
+def _model_with_tasks(family: str, sigma: float = 0.1) -> MultiTaskSSF:
+    model = MultiTaskSSF(make_backbone(family), sigma=sigma)
+    generator = torch.Generator().manual_seed(0)
+    model.add_task("a", 5, generator=generator)
+    model.add_task("b", 3, generator=generator)
+    model.add_task("c", 7, generator=generator)
+    return model
+
+
+def _snapshot(model: MultiTaskSSF) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.backbone_state_dict().items()}
+
+
+def _assert_bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_scale_shift_gives_backbone_output(family):
+    backbone = make_backbone(family)
+    reference_model = copy.deepcopy(backbone)
+    images = make_images(family)
+    with torch.no_grad():
+        expected = reference_model.forward_head(reference_model.forward_features(images), pre_logits=True)
+    model = MultiTaskSSF(backbone)
+    model.add_task("t", 4)
+    with torch.no_grad():
+        for site in model.sites:
+            site.ssf_scale.fill_(1.0)
+            if site.ssf_shift is not None:
+                site.ssf_shift.zero_()
+        features = model.forward_features(images, "t")
+    assert torch.equal(features, expected)
+    # The original weights are still there under timm's keys, untouched.
+    _assert_bit_identical(reference_model.state_dict(), model.backbone_state_dict())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_equals_each_sample_alone(family):
+    model = _model_with_tasks(family)
+    images = make_images(family, batch=4)
+    tasks = ["c", "a", "b", "a"]
+    with torch.no_grad():
+        mixed = model(images, tasks)
+        alone = torch.cat([model(images[i : i + 1], [t]) for i, t in enumerate(tasks)])
+        by_index = model(images, torch.tensor([model.task_index(t) for t in tasks]))
+    assert mixed.shape == (4, 7)
+    assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    assert_close(by_index, mixed, rtol=0, atol=0)
+    # -inf exactly past each sample's own class count, finite before it.
+    for row, task in zip(mixed, tasks):
+        k = model.num_classes(task)
+        assert torch.isfinite(row[:k]).all() and torch.isneginf(row[k:]).all()
+    # Tasks really differ: the same image under two tasks gives different features.
+    with torch.no_grad():
+        assert not torch.allclose(model.forward_features(images, "a"), model.forward_features(images, "b"))
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "resnet", "efficientnet"])
+def test_adding_and_removing_tasks_leaves_other_tasks_bit_identical(family):
+    model = _model_with_tasks(family)
+    images = make_images(family)
+    before = _snapshot(model)
+    with torch.no_grad():
+        out_a = model(images, "a")[:, :5]
+        out_b = model(images, ["b", "b", "a"])
+        model.add_task("wide", 11)  # grows the padded head width too
+        assert torch.equal(model(images, "a")[:, :5], out_a)
+        assert torch.equal(model(images, ["b", "b", "a"])[:, :7], out_b)
+        model.remove_task("c")
+        assert model.task_names == ["a", "b", "wide"]
+        assert torch.equal(model(images, "a")[:, :5], out_a)
+    _assert_bit_identical(before, model.backbone_state_dict())
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "efficientnet", "swin"])
+def test_gradients_reach_only_the_trained_task(family):
+    model = _model_with_tasks(family)
+    images = make_images(family)
+    model.train()
+    logits = model(images, "b")
+    logits[:, :3].logsumexp(-1).sum().backward()
+    row = model.task_index("b")
+    others = [i for i in range(3) if i != row]
+    for site in model.sites:
+        assert site.ssf_scale.grad[row].abs().sum() > 0
+        assert site.ssf_scale.grad[others].abs().sum() == 0
+    assert model.head_weight.grad[row].abs().sum() > 0
+    assert model.head_weight.grad[others].abs().sum() == 0
+    for name, param in model.backbone.named_parameters():
+        if "ssf_" not in name:
+            assert param.grad is None and not param.requires_grad, name
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet", "efficientnet", "swin"])
+def test_training_isolated_tasks_changes_only_them(family):
+    model = _model_with_tasks(family)
+    images = make_images(family, batch=4)
+    before_backbone = _snapshot(model)
+    with torch.no_grad():
+        before_c = model(images, "c")
+    state_a = model.task_state_dict("a")
+    state_b = model.task_state_dict("b")
+    model.train()
+    with model.isolate_tasks(["a", "b"]) as params:
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        labels = torch.tensor([0, 1, 2, 0])
+        for _ in range(3):
+            logits = model(images, ["a", "b", "a", "b"])  # several tasks in one mixed batch
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images, "c"), before_c)
+    for name, state in (("a", state_a), ("b", state_b)):
+        after = model.task_state_dict(name)
+        assert any(not torch.equal(after[k], state[k]) for k in state), name
+    _assert_bit_identical(before_backbone, model.backbone_state_dict())
+    # BatchNorm statistics were not updated by train mode.
+    assert not any(m.training for m in model.backbone.modules())
+
+
+def test_failed_isolated_training_restores_the_model():
+    model = _model_with_tasks("vit")
+    state = model.task_state_dict("a")
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.isolate_tasks(["a"]) as params:
+            with torch.no_grad():
+                for p in params:
+                    p.add_(1.0)
+            raise RuntimeError("boom")
+    assert model.task_names == ["a", "b", "c"]
+    after = model.task_state_dict("a")
+    assert all(torch.equal(after[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "efficientnet_gn"])
+def test_task_state_dict_round_trip(family):
+    model = _model_with_tasks(family)
+    images = make_images(family)
+    state = model.task_state_dict("b")
+    before = _snapshot(model)
+    other = MultiTaskSSF(make_backbone(family))
+    other.load_task("copy", state)
+    with torch.no_grad():
+        assert_close(other(images, "copy"), model(images, "b")[:, :3], rtol=0, atol=0)
+    with pytest.raises(DuplicateTaskError):
+        other.load_task("copy", state)
+    other.load_task("copy", model.task_state_dict("a"), replace=True)
+    assert other.num_classes("copy") == 5
+    _assert_bit_identical(before, model.backbone_state_dict())
+
+
+def test_bad_task_inputs_raise_clear_errors():
+    model = _model_with_tasks("vit")
+    images = make_images("vit")
+    with pytest.raises(TaskNotFoundError, match=r"unknown task 'zzz'; known tasks: a, b, c"):
+        model(images, ["a", "zzz", "a"])
+    with pytest.raises(KeyError):  # also the builtin a Python user would catch
+        model(images, "zzz")
+    with pytest.raises(BatchMismatchError, match="2 task names for a batch of 3"):
+        model(images, ["a", "b"])
+    with pytest.raises(BatchMismatchError):
+        model(images, torch.tensor([0, 1]))
+    with pytest.raises(DuplicateTaskError, match="'a' already exists"):
+        model.add_task("a", 3)
+    with pytest.raises(TaskNotFoundError):
+        model.fold("zzz")
+    with pytest.raises(TaskNotFoundError):
+        model.remove_task("zzz")
+
+
+def test_state_dict_for_another_backbone_names_the_key():
+    vit = _model_with_tasks("vit")
+    convnext = MultiTaskSSF(make_backbone("convnext"))
+    with pytest.raises(StateDictMismatchError, match="missing key 'stem.0.ssf_scale'"):
+        convnext.load_task("x", vit.task_state_dict("a"))
+    state = vit.task_state_dict("a")
+    state["blocks.0.attn.qkv.ssf_scale"] = torch.ones(5)
+    with pytest.raises(StateDictMismatchError, match=r"'blocks.0.attn.qkv.ssf_scale' has shape \(5,\)"):
+        vit.load_task("x", state)
+    state = vit.task_state_dict("a")
+    state["head.weight"] = torch.ones(5, 3)
+    with pytest.raises(StateDictMismatchError, match="head.weight"):
+        vit.load_task("x", state)
+    assert "x" not in vit.task_names
+
+
+def test_backbone_errors():
+    import timm
+
+    with pytest.raises(BackboneError, match="num_classes=0"):
+        MultiTaskSSF(timm.create_model("test_vit", num_classes=10))
+    with pytest.raises(BackboneError, match="not a timm model"):
+        MultiTaskSSF(torch.nn.Linear(3, 3))
+
+    class NoSites(torch.nn.Module):
+        num_features = 3
+
+        def forward_features(self, x):
+            return torch.relu(x)
+
+        def forward_head(self, x, pre_logits=False):
+            return x
+
+        def get_classifier(self):
+            return torch.nn.Identity()
+
+        def reset_classifier(self, num_classes):
+            pass
+
+    with pytest.raises(NoSitesError, match="no supported SSF site"):
+        MultiTaskSSF(NoSites())
