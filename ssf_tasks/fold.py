@@ -32,11 +32,11 @@ def fold_task(model: MultiTaskSSF, name: str) -> nn.Module:
         FoldError: the task's γ/β or head hold non-finite values.
     """
     t = model.task_index(name)
-    sites = model.sites
-    skip_tables = {id(p): None for s in sites for p in (s.ssf_scale, s.ssf_shift) if p is not None}
+    sites = model.named_sites()
+    skip_tables = {id(p): None for _, s in sites for p in (s.ssf_scale, s.ssf_shift) if p is not None}
     folded = copy.deepcopy(model.backbone, memo=skip_tables)
     with torch.no_grad():
-        for site_name, site in zip(model.site_names, sites):
+        for site_name, site in sites:
             base = folded.get_submodule(site_name).base_layer
             scale = site.ssf_scale[t].detach()
             shift = site.ssf_shift[t].detach() if site.ssf_shift is not None else None

@@ -82,6 +82,10 @@ class MultiTaskSSF(nn.Module):
         """The SSF layers, in the order of ``site_names``."""
         return [self.backbone.get_submodule(name) for name in self.site_names]
 
+    def named_sites(self) -> list[tuple[str, SSFLayer]]:
+        """``(name, layer)`` for every SSF site."""
+        return [(name, self.backbone.get_submodule(name)) for name in self.site_names]
+
     @property
     def ssf_parameters_per_task(self) -> int:
         """How many γ/β numbers one task owns (0.206M for ViT-B/16 with the paper's placement)."""
@@ -179,7 +183,7 @@ class MultiTaskSSF(nn.Module):
         """One task's γ/β (``<site>.ssf_scale``, ``<site>.ssf_shift``) and head (``head.weight``, ``head.bias``)."""
         t, k = self.task_index(name), self.num_classes(name)
         state = {}
-        for site_name, site in zip(self.site_names, self.sites):
+        for site_name, site in self.named_sites():
             state[f"{site_name}.ssf_scale"] = site.ssf_scale[t].detach().clone()
             if site.ssf_shift is not None:
                 state[f"{site_name}.ssf_shift"] = site.ssf_shift[t].detach().clone()
@@ -190,7 +194,7 @@ class MultiTaskSSF(nn.Module):
     def load_task(self, name: str, state: dict[str, torch.Tensor], *, replace: bool = False) -> None:
         """Add task ``name`` from a :meth:`task_state_dict` (checked key by key before anything changes)."""
         expected: dict[str, tuple[int, ...]] = {}
-        for site_name, site in zip(self.site_names, self.sites):
+        for site_name, site in self.named_sites():
             expected[f"{site_name}.ssf_scale"] = (site.channels,)
             if site.ssf_shift is not None:
                 expected[f"{site_name}.ssf_shift"] = (site.channels,)
@@ -222,7 +226,7 @@ class MultiTaskSSF(nn.Module):
         self.add_task(name, int(weight.shape[0]))
         t = self.task_index(name)
         with torch.no_grad():
-            for site_name, site in zip(self.site_names, self.sites):
+            for site_name, site in self.named_sites():
                 site.ssf_scale[t] = state[f"{site_name}.ssf_scale"].to(site.ssf_scale)
                 if site.ssf_shift is not None:
                     site.ssf_shift[t] = state[f"{site_name}.ssf_shift"].to(site.ssf_shift)
@@ -261,7 +265,7 @@ class MultiTaskSSF(nn.Module):
             self._set_tasks(saved_names)
             if finished:
                 with torch.no_grad():
-                    for table, small in zip(full.values(), trained):
+                    for table, small in zip(full.values(), trained, strict=True):
                         table[rows] = small.detach().to(table.dtype)
 
     # ----------------------------------------------------------------------------------------- forward

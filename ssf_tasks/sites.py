@@ -113,7 +113,7 @@ def rule_for(module: nn.Module) -> SiteRule | None:
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """A pattern matches a module name exactly, as a glob, or as a dotted suffix (``qkv`` matches ``blocks.0.attn.qkv``)."""
+    """A pattern matches a name exactly, as a glob, or as a dotted suffix (``qkv`` matches ``blocks.0.attn.qkv``)."""
     return any(
         name == p or fnmatch.fnmatchcase(name, p) or name.endswith("." + p) or fnmatch.fnmatchcase(name, "*." + p)
         for p in patterns

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import FAMILIES, make_backbone, make_images, device_under_test
+from conftest import FAMILIES, device_under_test, make_backbone, make_images
 from ssf_tasks import FoldError, MultiTaskSSF, SSFLayer, fold_error
 
 
@@ -79,7 +79,7 @@ def test_real_vit_tiny_imagenet_head_reproduces_backbone_predictions(assets):
     backbone.load_state_dict({k: v for k, v in weights.items() if not k.startswith("head.")}, strict=True)
     model = MultiTaskSSF(backbone)
     state = {}
-    for name, site in zip(model.site_names, model.sites):
+    for name, site in model.named_sites():
         state[f"{name}.ssf_scale"] = torch.ones(site.channels)
         if site.ssf_shift is not None:
             state[f"{name}.ssf_shift"] = torch.zeros(site.channels)

@@ -72,7 +72,7 @@ def test_mixed_batch_equals_each_sample_alone(family):
     assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
     assert_close(by_index, mixed, rtol=0, atol=0)
     # -inf exactly past each sample's own class count, finite before it.
-    for row, task in zip(mixed, tasks):
+    for row, task in zip(mixed, tasks, strict=True):
         k = model.num_classes(task)
         assert torch.isfinite(row[:k]).all() and torch.isneginf(row[k:]).all()
     # Tasks really differ: the same image under two tasks gives different features.
