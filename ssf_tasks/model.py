@@ -193,6 +193,25 @@ class MultiTaskSSF(nn.Module):
 
     def load_task(self, name: str, state: dict[str, torch.Tensor], *, replace: bool = False) -> None:
         """Add task ``name`` from a :meth:`task_state_dict` (checked key by key before anything changes)."""
+        num_classes = self._check_task_state(name, state)
+        if name in self._index:
+            if not replace:
+                raise DuplicateTaskError(f"task {name!r} already exists")
+            self.remove_task(name)
+        self.add_task(name, num_classes)
+        self._write_task_rows(self.task_index(name), state)
+
+    def update_task(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite an existing task's rows in place (same class count), keeping its position."""
+        num_classes = self._check_task_state(name, state)
+        if num_classes != self.num_classes(name):
+            raise StateDictMismatchError(
+                f"task {name!r} has {self.num_classes(name)} classes, the new state has {num_classes}"
+            )
+        self._write_task_rows(self.task_index(name), state)
+
+    def _check_task_state(self, name: str, state: dict[str, torch.Tensor]) -> int:
+        """Validate a one-task state dict against this backbone; returns its class count."""
         expected: dict[str, tuple[int, ...]] = {}
         for site_name, site in self.named_sites():
             expected[f"{site_name}.ssf_scale"] = (site.channels,)
@@ -219,17 +238,17 @@ class MultiTaskSSF(nn.Module):
                 f"task state for {name!r}: 'head.weight' {tuple(weight.shape)} / 'head.bias' {tuple(bias.shape)} "
                 f"do not fit features of size {self.num_features}"
             )
-        if name in self._index:
-            if not replace:
-                raise DuplicateTaskError(f"task {name!r} already exists")
-            self.remove_task(name)
-        self.add_task(name, int(weight.shape[0]))
-        t = self.task_index(name)
+        return int(weight.shape[0])
+
+    def _write_task_rows(self, t: int, state: dict[str, torch.Tensor]) -> None:
+        weight, bias = state["head.weight"], state["head.bias"]
         with torch.no_grad():
             for site_name, site in self.named_sites():
                 site.ssf_scale[t] = state[f"{site_name}.ssf_scale"].to(site.ssf_scale)
                 if site.ssf_shift is not None:
                     site.ssf_shift[t] = state[f"{site_name}.ssf_shift"].to(site.ssf_shift)
+            self.head_weight[t] = 0.0
+            self.head_bias[t] = 0.0
             self.head_weight[t, : weight.shape[0]] = weight.to(self.head_weight)
             self.head_bias[t, : bias.shape[0]] = bias.to(self.head_bias)
 

@@ -67,17 +67,17 @@ from ssf_tasks.errors import (
 
 __all__ = [
     "SCHEMA_VERSION",
-    "open_registry",
-    "default_registry_url",
     "add_backbone",
-    "get_backbone",
-    "list_backbones",
-    "remove_backbone",
     "add_task_version",
+    "default_registry_url",
+    "get_backbone",
     "get_task",
     "get_task_payload",
-    "list_tasks",
+    "list_backbones",
     "list_task_versions",
+    "list_tasks",
+    "open_registry",
+    "remove_backbone",
     "remove_task",
 ]
 
@@ -569,7 +569,8 @@ def list_tasks(s: Session) -> list[TaskRecord]:
             select(_TaskVersionRow)
             .join(
                 latest,
-                (_TaskVersionRow.task_name == latest.c.task_name) & (_TaskVersionRow.version == latest.c.version),
+                (_TaskVersionRow.task_name == latest.c.task_name)
+                & (_TaskVersionRow.version == latest.c.version),
             )
             .order_by(_TaskVersionRow.task_name)
         )
@@ -585,9 +586,7 @@ def list_task_versions(s: Session, name: str) -> list[TaskRecord]:
     validate_name("task", name)
     with _db_errors(f"listing versions of task '{name}'"):
         rows = s.scalars(
-            select(_TaskVersionRow)
-            .where(_TaskVersionRow.task_name == name)
-            .order_by(_TaskVersionRow.version)
+            select(_TaskVersionRow).where(_TaskVersionRow.task_name == name).order_by(_TaskVersionRow.version)
         ).all()
         if not rows:
             raise _unknown_task(s, name)

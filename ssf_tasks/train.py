@@ -1,0 +1,223 @@
+"""Train one task's γ/β and head on a frozen backbone, and evaluate a task.
+
+The loop is deliberately plain: AdamW over the task's rows only (``MultiTaskSSF.isolate_tasks``), linear
+warmup then cosine decay per step (timm's scheduler), bf16 autocast on GPU, evaluation on val every epoch
+keeping the best epoch's state, optional early stop. A non-finite loss or Ctrl-C stops training with a
+clear error and leaves the model exactly as it was before the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .config import TrainConfig
+from .errors import TrainingError, TrainingInterrupted
+from .model import MultiTaskSSF
+
+__all__ = ["TrainProgress", "TrainResult", "evaluate", "resolve_device", "train_task"]
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One progress report: after every training step (``phase="train"``) and every evaluation."""
+
+    phase: str
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    accuracy: float
+    images_per_second: float
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; the trained (best) state is already in the model."""
+
+    best_epoch: int
+    epochs_run: int
+    val_top1: float | None
+    test_top1: float | None
+    train_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means CUDA when available; asking for CUDA without one is an error, not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def _loader(dataset: Dataset, config: TrainConfig, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        num_workers=config.num_workers,
+        generator=generator,
+        drop_last=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: MultiTaskSSF,
+    name: str,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    amp: bool = True,
+    num_workers: int = 0,
+) -> float:
+    """Top-1 accuracy of task ``name`` on ``dataset``."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    model.to(device).eval()
+    config = TrainConfig(batch_size=batch_size, num_workers=num_workers)
+    correct = total = 0
+    k = model.num_classes(name)
+    for images, labels in _loader(dataset, config, shuffle=False):
+        images, labels = images.to(device), labels.to(device)
+        with _autocast(device, amp):
+            logits = model(images, name)[:, :k]
+        correct += int((logits.argmax(1) == labels).sum())
+        total += labels.numel()
+    return correct / max(total, 1)
+
+
+def train_task(
+    model: MultiTaskSSF,
+    name: str,
+    train_set: Dataset,
+    config: TrainConfig,
+    *,
+    val_set: Dataset | None = None,
+    test_set: Dataset | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainResult:
+    """Train task ``name`` (already added to ``model``) and leave its best state in the model.
+
+    Raises:
+        TrainingError: the loss became non-finite (the model is left as before the run).
+        TrainingInterrupted: Ctrl-C (the model is left as before the run).
+    """
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model.to(device)
+    loader = _loader(train_set, config, shuffle=True, seed=config.seed)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * config.epochs
+    started = time.perf_counter()
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    stale_epochs = 0
+    epoch = 0
+    try:
+        with model.isolate_tasks([name]) as params:
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            scheduler = CosineLRScheduler(
+                optimizer,
+                t_initial=total_steps,
+                lr_min=config.lr * 0.01,
+                warmup_t=config.warmup_epochs * steps_per_epoch,
+                warmup_lr_init=config.lr * 0.01,
+                t_in_epochs=False,
+            )
+            step = 0
+            for epoch in range(1, config.epochs + 1):
+                loss, accuracy = _train_epoch(
+                    model, name, loader, optimizer, scheduler, config, device, epoch, step, total_steps, progress
+                )
+                step += steps_per_epoch
+                record = {"epoch": float(epoch), "loss": loss, "train_top1": accuracy}
+                if val_set is not None and len(val_set) > 0:
+                    record["val_top1"] = evaluate(
+                        model,
+                        name,
+                        val_set,
+                        batch_size=config.batch_size,
+                        device=device,
+                        amp=config.amp,
+                        num_workers=config.num_workers,
+                    )
+                    model.train()
+                    if progress is not None:
+                        progress(
+                            TrainProgress("val", epoch, config.epochs, step, total_steps, loss, record["val_top1"], 0.0)
+                        )
+                history.append(record)
+                score = record.get("val_top1", float(epoch))  # without val, the last epoch is the best
+                if best is None or score > best[0]:
+                    best, stale_epochs = (score, epoch, model.task_state_dict(name)), 0
+                else:
+                    stale_epochs += 1
+                    if config.patience is not None and stale_epochs >= config.patience:
+                        break
+            model.update_task(name, best[2])
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"training of {name!r} interrupted at epoch {epoch}; nothing was changed") from None
+    model.eval()
+    val_top1 = next((h["val_top1"] for h in history if h["epoch"] == best[1] and "val_top1" in h), None)
+    test_top1 = None
+    if test_set is not None and len(test_set) > 0:
+        test_top1 = evaluate(
+            model,
+            name,
+            test_set,
+            batch_size=config.batch_size,
+            device=device,
+            amp=config.amp,
+            num_workers=config.num_workers,
+        )
+    return TrainResult(best[1], len(history), val_top1, test_top1, time.perf_counter() - started, history)
+
+
+def _train_epoch(model, name, loader, optimizer, scheduler, config, device, epoch, step, total_steps, progress):
+    """One pass over the training set; returns mean loss and training accuracy."""
+    model.train()
+    loss_sum = correct = seen = 0.0
+    k = model.num_classes(name)
+    for images, labels in loader:
+        tick = time.perf_counter()
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with _autocast(device, config.amp):
+            logits = model(images, name)[:, :k]
+            loss = F.cross_entropy(logits.float(), labels)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(
+                f"training of {name!r} stopped: the loss became {loss.item()} at epoch {epoch}, step {step + 1} "
+                f"(try a lower --lr); nothing was stored"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        scheduler.step_update(step)
+        batch = labels.numel()
+        loss_sum += loss.item() * batch
+        correct += float((logits.argmax(1) == labels).sum())
+        seen += batch
+        if progress is not None:
+            rate = batch / max(time.perf_counter() - tick, 1e-9)
+            progress(
+                TrainProgress("train", epoch, config.epochs, step, total_steps, loss_sum / seen, correct / seen, rate)
+            )
+    return loss_sum / max(seen, 1), correct / max(seen, 1)

@@ -1,0 +1,106 @@
+"""Training one task: it learns, it is reproducible, and a failed run leaves everything as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from conftest import make_backbone
+from ssf_tasks import MultiTaskSSF, TrainingError, TrainingInterrupted
+from ssf_tasks.config import TrainConfig
+from ssf_tasks.data import ImageDataset, build_transform
+from ssf_tasks.train import evaluate, train_task
+
+CLASSES = ["airplane", "frog", "ship"]
+
+
+def _cifar(assets, split: str, per_class: int, backbone) -> ImageDataset:
+    samples = []
+    for label, name in enumerate(CLASSES):
+        paths = sorted((assets / "datasets" / "cifar10" / split / name).glob("*.jpg"))[:per_class]
+        samples += [(p, label) for p in paths]
+    return ImageDataset(samples, build_transform(backbone, train=False, protocol="vtab", input_size=64))
+
+
+@pytest.fixture
+def setup(assets):
+    model = MultiTaskSSF(make_backbone("resnet"))
+    model.add_task("other", 4, generator=torch.Generator().manual_seed(1))
+    model.add_task("cifar", 3, generator=torch.Generator().manual_seed(2))
+    train = _cifar(assets, "train", 12, model.backbone)
+    val = _cifar(assets, "val", 4, model.backbone)
+    return model, train, val
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_learns_and_touches_nothing_else(setup):
+    model, train, val = setup
+    images = torch.stack([train[i][0] for i in range(4)])
+    with torch.no_grad():
+        other_before = model(images, "other")
+    backbone_before = {k: v.clone() for k, v in model.backbone_state_dict().items()}
+    config = TrainConfig(epochs=6, batch_size=12, lr=3e-2, warmup_epochs=1, device="cpu")
+    before = evaluate(model, "cifar", train, device="cpu")
+    result = train_task(model, "cifar", train, config, val_set=val, test_set=val)
+    after = evaluate(model, "cifar", train, device="cpu")
+    assert after > before and after >= 0.6, (before, after)
+    assert result.epochs_run == 6 and 1 <= result.best_epoch <= 6
+    assert result.val_top1 == max(h["val_top1"] for h in result.history)
+    assert result.test_top1 == pytest.approx(evaluate(model, "cifar", val, device="cpu"))
+    with torch.no_grad():
+        assert torch.equal(model(images, "other"), other_before)
+    for key, value in model.backbone_state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+
+
+def test_training_is_reproducible(setup, assets):
+    model, train, _ = setup
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, device="cpu", seed=7)
+    initial = model.task_state_dict("cifar")
+    train_task(model, "cifar", train, config)
+    first = model.task_state_dict("cifar")
+    model.update_task("cifar", initial)
+    train_task(model, "cifar", train, config)
+    assert _states_equal(first, model.task_state_dict("cifar"))
+
+
+class _PoisonedDataset(Dataset):
+    """Real images, with NaN pixels from the third sample on: a loss that turns non-finite mid-run."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return (image * float("nan") if index >= 2 else image), label
+
+
+def test_nan_loss_stops_with_a_clear_error_and_changes_nothing(setup):
+    model, train, _ = setup
+    before = model.task_state_dict("cifar")
+    config = TrainConfig(epochs=2, batch_size=2, lr=1e-2, device="cpu")
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1"):
+        train_task(model, "cifar", _PoisonedDataset(train), config)
+    assert _states_equal(before, model.task_state_dict("cifar"))
+    assert model.task_names == ["other", "cifar"]
+
+
+def test_ctrl_c_stops_cleanly_and_changes_nothing(setup):
+    model, train, _ = setup
+    before = model.task_state_dict("cifar")
+
+    def interrupt(report):
+        if report.step == 3:
+            raise KeyboardInterrupt
+
+    config = TrainConfig(epochs=2, batch_size=4, device="cpu")
+    with pytest.raises(TrainingInterrupted, match="interrupted at epoch 1"):
+        train_task(model, "cifar", train, config, progress=interrupt)
+    assert _states_equal(before, model.task_state_dict("cifar"))
