@@ -9,7 +9,7 @@ mode: its weights and BatchNorm statistics are shared by every task and never ch
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -138,36 +138,37 @@ class MultiTaskSSF(nn.Module):
 
         Earlier tasks' rows are copied unchanged, so their outputs stay bit-identical.
         """
-        if not isinstance(name, str) or not name:
-            raise DuplicateTaskError(f"a task name must be a non-empty string, got {name!r}")
-        if name in self._index:
-            raise DuplicateTaskError(f"task {name!r} already exists")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise StateDictMismatchError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.add_tasks({name: num_classes}, generator=generator)
+
+    def add_tasks(self, tasks: Mapping[str, int], *, generator: torch.Generator | None = None) -> None:
+        """Add several tasks ``{name: num_classes}`` with one copy of every table (not one per task)."""
+        for name, num_classes in tasks.items():
+            if not isinstance(name, str) or not name:
+                raise DuplicateTaskError(f"a task name must be a non-empty string, got {name!r}")
+            if name in self._index:
+                raise DuplicateTaskError(f"task {name!r} already exists")
+            if not isinstance(num_classes, int) or num_classes < 1:
+                raise StateDictMismatchError(f"num_classes must be a positive integer, got {num_classes!r}")
+        count, counts = len(tasks), list(tasks.values())
         with torch.no_grad():
             for site in self.sites:
-                noise = torch.randn(2, site.channels, generator=generator) * self.sigma
-                _append_row(site, "ssf_scale", 1.0 + noise[0])
+                noise = torch.randn(count, 2, site.channels, generator=generator) * self.sigma
+                _append_rows(site, "ssf_scale", 1.0 + noise[:, 0])
                 if site.ssf_shift is not None:
-                    _append_row(site, "ssf_shift", noise[1])
-            head = torch.empty(num_classes, self.num_features)
+                    _append_rows(site, "ssf_shift", noise[:, 1])
+            width = max(self.max_classes, *counts)
+            heads = torch.zeros(count, width, self.num_features)
             bound = 1.0 / math.sqrt(self.num_features)  # nn.Linear's default range
-            head.uniform_(-bound, bound, generator=generator)
-            self._append_head(head, torch.zeros(num_classes))
-        self._set_tasks([*self.task_names, name])
-
-    def _append_head(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        k = max(self.max_classes, weight.shape[0])
-        old_w, old_b = self.head_weight.detach(), self.head_bias.detach()
-        new_w = old_w.new_zeros(old_w.shape[0] + 1, k, self.num_features)
-        new_b = old_b.new_zeros(old_b.shape[0] + 1, k)
-        new_w[:-1, : old_w.shape[1]] = old_w
-        new_b[:-1, : old_b.shape[1]] = old_b
-        new_w[-1, : weight.shape[0]] = weight.to(new_w)
-        new_b[-1, : bias.shape[0]] = bias.to(new_b)
-        self.head_weight = nn.Parameter(new_w, requires_grad=self.head_weight.requires_grad)
-        self.head_bias = nn.Parameter(new_b, requires_grad=self.head_bias.requires_grad)
-        self.class_counts = torch.cat([self.class_counts, self.class_counts.new_tensor([weight.shape[0]])])
+            for row, k in enumerate(counts):
+                heads[row, :k].uniform_(-bound, bound, generator=generator)
+            if width > self.max_classes:  # widen every earlier head with zero columns (masked to -inf)
+                pad = (0, 0, 0, width - self.max_classes)
+                self.head_weight = _like(self.head_weight, nn.functional.pad(self.head_weight.detach(), pad))
+                self.head_bias = _like(self.head_bias, nn.functional.pad(self.head_bias.detach(), pad[2:]))
+            _append_rows(self, "head_weight", heads)
+            _append_rows(self, "head_bias", torch.zeros(count, width))
+            self.class_counts = torch.cat([self.class_counts, self.class_counts.new_tensor(counts)])
+        self._set_tasks([*self.task_names, *tasks])
 
     def remove_task(self, name: str) -> None:
         """Drop a task's rows from every table; other tasks are unaffected."""
@@ -175,7 +176,7 @@ class MultiTaskSSF(nn.Module):
         with torch.no_grad():
             for module, attr in self._tables():
                 table = getattr(module, attr)
-                setattr(module, attr, nn.Parameter(table.detach()[keep].clone(), requires_grad=table.requires_grad))
+                setattr(module, attr, _like(table, table.detach()[keep].clone()))
         self.class_counts = self.class_counts[keep]
         self._set_tasks([n for n in self.task_names if n != name])
 
@@ -343,7 +344,10 @@ class MultiTaskSSF(nn.Module):
         return fold_task(self, name)
 
 
-def _append_row(module: nn.Module, attr: str, row: torch.Tensor) -> None:
+def _like(table: nn.Parameter, values: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(values, requires_grad=table.requires_grad)
+
+
+def _append_rows(module: nn.Module, attr: str, rows: torch.Tensor) -> None:
     table = getattr(module, attr)
-    grown = torch.cat([table.detach(), row.to(table).unsqueeze(0)])
-    setattr(module, attr, nn.Parameter(grown, requires_grad=table.requires_grad))
+    setattr(module, attr, _like(table, torch.cat([table.detach(), rows.to(table)])))
