@@ -114,6 +114,11 @@ class MultiTaskSSF(nn.Module):
                 out[key.replace(".base_layer.", ".")] = value
         return out
 
+    def set_fast_path(self, enabled: bool | None) -> None:
+        """Fused single-task SSF (``SSFLayer._fast_forward``): None = on CUDA only (default); True/False force it."""
+        for site in self.sites:
+            site.fast_path = enabled
+
     def train(self, mode: bool = True) -> MultiTaskSSF:
         """Switch heads/SSF to training; the frozen backbone stays in eval mode (BatchNorm statistics fixed)."""
         super().train(mode)

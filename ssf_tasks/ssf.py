@@ -10,12 +10,17 @@ into timm's own parameter keys (and a norm right after it has a shift of its own
 from __future__ import annotations
 
 import torch
+from timm import layers as timm_layers
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import BatchMismatchError, SSFTasksError
 from .sites import SiteRule
 
-__all__ = ["SSFLayer", "TaskRouting"]
+__all__ = ["SSFLayer", "TaskRouting", "FAST_PATH_AUTO"]
+
+# ``SSFLayer.fast_path`` values: None means "on CUDA, when safe"; True/False force it (tests use True on CPU).
+FAST_PATH_AUTO = None
 
 
 class TaskRouting:
@@ -46,6 +51,8 @@ class SSFLayer(nn.Module):
         self.channel_axis = rule.channel_axis
         self._norm_forward = rule.norm_forward
         self.routing = routing
+        self.fast_path: bool | None = FAST_PATH_AUTO
+        self._fast_kind = _fast_kind(base_layer, rule)
         weight = base_layer.weight
         self.channels = int(weight.shape[0])
         factory = {"dtype": weight.dtype, "device": weight.device}
@@ -60,6 +67,8 @@ class SSFLayer(nn.Module):
         return f"channels={self.channels}, channel_axis={self.channel_axis}, {shift}, tasks={self.ssf_scale.shape[0]}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_fast_path(x):
+            return self._fast_forward(x, self.routing.index)
         if self._norm_forward is None:
             return self._scale_shift(self.base_layer(x))
         # Fused norm+act: SSF sits between the norm and the activation, where it can still be folded.
@@ -87,3 +96,88 @@ class SSFLayer(nn.Module):
         if shift is None:
             return y * scale
         return torch.addcmul(shift.to(y.dtype).view(shape), y, scale)
+
+    # ------------------------------------------------------------------------------------------- fast path
+    def _use_fast_path(self, x: torch.Tensor) -> bool:
+        """One task for the whole batch, and an op whose SSF can be fused (see ``_fast_forward``)."""
+        if self._fast_kind is None or not isinstance(self.routing.index, int):
+            return False
+        return x.is_cuda if self.fast_path is None else self.fast_path
+
+    def _fast_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The same function as the eager path, computed without storing anything extra for backward.
+
+        * LayerNorm: γ/β are folded into the norm's affine on the fly (``w·γ``, ``b·γ + β``); the norm's own
+          backward then yields their gradients from what it saves anyway.
+        * Linear / Conv2d: the frozen op needs no saved input; the SSF output is saved instead and the pre-SSF
+          value is recomputed from it in backward as ``z = (y - β) / γ``. That output is usually saved by the next
+          op anyway (GELU, attention), so it costs no memory, unlike ``x * γ + β``, which keeps its own input.
+        """
+        base = self.base_layer
+        scale = self.ssf_scale[index]
+        shift = self.ssf_shift[index] if self.ssf_shift is not None else None
+        if self._fast_kind == "layer_norm":
+            bias = base.bias * scale + shift if shift is not None else None
+            return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
+        return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, self._fast_kind, _conv_args(base))
+
+
+def _fast_kind(base: nn.Module, rule: SiteRule) -> str | None:
+    """Which fused path an op may take; None keeps the eager path (other norms, fused norm+act, exotic convs)."""
+    if rule.norm_forward is not None:
+        return None
+    if type(base) is nn.Linear:
+        return "linear"
+    if type(base) is nn.Conv2d and base.padding_mode == "zeros" and not isinstance(base.padding, str):
+        return "conv2d"
+    layer_norm_types = (nn.LayerNorm, getattr(timm_layers, "LayerNorm", nn.LayerNorm))
+    if type(base) in layer_norm_types and rule.channel_axis == -1 and base.bias is not None:
+        return "layer_norm"
+    return None
+
+
+def _conv_args(base: nn.Module) -> tuple | None:
+    if isinstance(base, nn.Conv2d):
+        return (base.stride, base.padding, base.dilation, base.groups)
+    return None
+
+
+class _FrozenOpSSF(torch.autograd.Function):
+    """``y = γ ⊙ op(x) + β`` for a frozen Linear/Conv2d, saving ``y`` (not ``x``, not ``op(x)``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, kind, conv_args):
+        if kind == "linear":
+            z = F.linear(x, weight, bias)
+            view = (-1,)
+        else:
+            stride, padding, dilation, groups = conv_args
+            z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+            view = (-1, 1, 1)
+        s = scale.to(z.dtype).view(view)
+        y = z * s if shift is None else torch.addcmul(shift.to(z.dtype).view(view), z, s)
+        ctx.kind, ctx.conv_args, ctx.view, ctx.x_shape = kind, conv_args, view, x.shape
+        ctx.has_shift = shift is not None
+        ctx.save_for_backward(y, weight, scale, shift if shift is not None else scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, weight, scale, shift = ctx.saved_tensors
+        view = ctx.view
+        s = scale.to(y.dtype).view(view)
+        z = (y - shift.to(y.dtype).view(view)) / s if ctx.has_shift else y / s
+        channel = y.ndim - 1 if ctx.kind == "linear" else 1
+        dims = [d for d in range(y.ndim) if d != channel]
+        grad_scale = (dy * z).sum(dims, dtype=torch.float32).to(scale.dtype)
+        grad_shift = dy.sum(dims, dtype=torch.float32).to(scale.dtype) if ctx.has_shift else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            dz = dy * s
+            w = weight.to(dz.dtype)
+            if ctx.kind == "linear":
+                grad_x = dz @ w
+            else:
+                stride, padding, dilation, groups = ctx.conv_args
+                grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dz, stride, padding, dilation, groups)
+        return grad_x, None, None, grad_scale, grad_shift, None, None

@@ -1,0 +1,392 @@
+"""GPU benchmarks: mixed-task inference, task scale, training step, folded-model latency.
+
+Every variant runs side by side in one process on one card; each fast path is checked against its eager
+reference (relative error printed next to its time) before it is timed, and ``torch._dynamo.reset()`` runs
+between compiled variants so that no variant reuses another's graph. Weights are random (speed does not
+depend on their values). Run ``python -m ssf_tasks.bench --help`` or ``ssf-tasks bench --help``.
+
+This module needs only torch and timm (plus peft for the LoRA rows), so it runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .model import MultiTaskSSF
+
+__all__ = ["bench_inference", "bench_training", "bench_fold", "main"]
+
+Row = dict[str, Any]
+
+
+def _timed(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` runs, timed with CUDA events after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _rel_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    result, reference = result.float(), reference.float()
+    finite = torch.isfinite(reference)
+    diff = (result[finite] - reference[finite]).abs().max()
+    return float(diff / reference[finite].abs().max().clamp_min(1e-12))
+
+
+def _compile(module: nn.Module | Callable, mode: str | None) -> Callable:
+    torch._dynamo.reset()
+    return torch.compile(module, mode=mode, dynamic=False)
+
+
+def _report(rows: list[Row], row: Row) -> None:
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def _ssf_model(model_name: str, num_tasks: int, classes: int, dtype: torch.dtype) -> MultiTaskSSF:
+    backbone = timm.create_model(model_name, num_classes=0).cuda().eval()
+    model = MultiTaskSSF(backbone)
+    for start in range(0, num_tasks, 1000):  # in chunks: one table copy per chunk
+        model.add_tasks({f"t{i}": classes for i in range(start, min(start + 1000, num_tasks))})
+    return model.to(dtype).eval()
+
+
+@torch.inference_mode()
+def bench_inference(
+    model_name: str = "vit_base_patch16_224",
+    batch_sizes: tuple[int, ...] = (256, 8, 1),
+    task_counts: tuple[int, ...] = (64,),
+    classes: int = 10,
+    peft: bool = True,
+    loop: bool = True,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> list[Row]:
+    """Throughput of the plain backbone against mixed-task SSF batches (and a per-task loop and PEFT LoRA)."""
+    dtype = torch.bfloat16
+    rows: list[Row] = []
+    plain = timm.create_model(model_name, num_classes=0).cuda().eval().to(dtype)
+    size = plain.pretrained_cfg["input_size"][1]
+    for num_tasks in task_counts:
+        model = _ssf_model(model_name, num_tasks, classes, dtype)
+        resident_gib = sum(
+            p.numel() * p.element_size() for n, p in model.named_parameters() if "ssf_" in n or "head_" in n
+        )
+        resident_gib /= 2**30
+        for batch in batch_sizes:
+            generator = torch.Generator(device="cuda").manual_seed(batch)
+            images = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype, generator=generator)
+            tasks = torch.randint(0, num_tasks, (batch,), device="cuda", generator=generator)
+            mode = "reduce-overhead" if batch <= 8 else None
+            base = {
+                "bench": "inference",
+                "model": model_name,
+                "batch": batch,
+                "tasks": num_tasks,
+                "mode": mode or "default",
+            }
+
+            def run_plain_eager():
+                return plain(images)
+
+            plain_ms = _timed(run_plain_eager, warmup=warmup, repeats=repeats)
+            compiled_plain = _compile(plain, mode)
+            reference = plain(images)
+            error = _rel_error(compiled_plain(images).clone(), reference)
+            plain_compiled_ms = _timed(lambda: compiled_plain(images), warmup=warmup, repeats=repeats)
+            _report(rows, {**base, "variant": "plain backbone, eager", "ms": plain_ms})
+            _report(rows, {**base, "variant": "plain backbone, compiled", "ms": plain_compiled_ms, "rel_err": error})
+
+            reference = model(images, tasks)
+            ssf_eager_ms = _timed(lambda: model(images, tasks), warmup=warmup, repeats=repeats)
+            _report(
+                rows, {**base, "variant": "ssf-tasks mixed, eager", "ms": ssf_eager_ms, "resident_gib": resident_gib}
+            )
+            compiled_model = _compile(model, mode)
+            error = _rel_error(compiled_model(images, tasks).clone(), reference)
+            ssf_ms = _timed(lambda: compiled_model(images, tasks), warmup=warmup, repeats=repeats)
+            _report(
+                rows,
+                {
+                    **base,
+                    "variant": "ssf-tasks mixed, compiled",
+                    "ms": ssf_ms,
+                    "rel_err": error,
+                    "resident_gib": resident_gib,
+                },
+            )
+            torch._dynamo.reset()
+
+            if loop and num_tasks > 1 and batch > 1:
+
+                def run_loop():
+                    out = torch.empty(batch, plain.num_features, device="cuda", dtype=dtype)
+                    for task in tasks.unique().tolist():
+                        rows_of_task = (tasks == task).nonzero().squeeze(1)
+                        out[rows_of_task] = model.forward_features(images[rows_of_task], f"t{task}")
+                    return out
+
+                error = _rel_error(run_loop(), model.forward_features(images, tasks))
+                loop_ms = _timed(run_loop, warmup=2, repeats=max(3, repeats // 4))
+                _report(rows, {**base, "variant": "loop over tasks, eager", "ms": loop_ms, "rel_err": error})
+        model = None  # free this task count's tables before the next one is built
+        torch.cuda.empty_cache()
+    if peft and 64 in task_counts:
+        rows += _bench_peft_inference(plain, batch_sizes, warmup, repeats)
+    for row in rows:
+        row["img_per_s"] = row["batch"] * 1000.0 / row["ms"]
+    return rows
+
+
+def _bench_peft_inference(plain: nn.Module, batch_sizes, warmup, repeats) -> list[Row]:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        print("peft not installed: LoRA rows skipped", file=sys.stderr)
+        return []
+    rows: list[Row] = []
+    config = LoraConfig(r=8, target_modules=["qkv", "proj", "fc1", "fc2"])
+    model = get_peft_model(copy.deepcopy(plain), config, adapter_name="t0")
+    for i in range(1, 64):
+        model.add_adapter(f"t{i}", config)
+    model.eval()
+    size = plain.pretrained_cfg["input_size"][1]
+    for batch in batch_sizes:
+        images = torch.randn(batch, 3, size, size, device="cuda", dtype=torch.bfloat16)
+        names = [f"t{i % 64}" for i in range(batch)]
+        ms = _timed(lambda: model(images, adapter_names=names), warmup=2, repeats=max(3, repeats // 4))
+        _report(
+            rows,
+            {
+                "bench": "inference",
+                "model": "peft-lora-r8",
+                "batch": batch,
+                "tasks": 64,
+                "mode": "default",
+                "variant": "PEFT LoRA r=8, adapter_names mixed batch, eager",
+                "ms": ms,
+            },
+        )
+    return rows
+
+
+def bench_training(
+    model_name: str = "vit_base_patch16_224",
+    batch: int = 64,
+    classes: int = 10,
+    compile_modes: tuple[bool, ...] = (True, False),
+    peft: bool = True,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> list[Row]:
+    """One AdamW step (bf16 autocast): full fine-tuning, linear probe, LoRA r=8, ssf-tasks SSF."""
+    rows: list[Row] = []
+    size = timm.get_pretrained_cfg(model_name).input_size[1]
+    images = torch.randn(batch, 3, size, size, device="cuda")
+    labels = torch.randint(0, classes, (batch,), device="cuda")
+
+    def full_ft():
+        model = timm.create_model(model_name, num_classes=classes).cuda().train()
+        return (lambda x: model(x)), list(model.parameters()), model
+
+    def linear_probe():
+        backbone = timm.create_model(model_name, num_classes=0).cuda().eval().requires_grad_(False)
+        head = nn.Linear(backbone.num_features, classes).cuda()
+
+        def forward(x):
+            with torch.no_grad():
+                features = backbone(x)
+            return head(features)
+
+        return forward, list(head.parameters()), nn.ModuleList([backbone, head])
+
+    def lora():
+        from peft import LoraConfig, get_peft_model
+
+        model = timm.create_model(model_name, num_classes=classes).cuda()
+        model = get_peft_model(
+            model, LoraConfig(r=8, target_modules=["qkv", "proj", "fc1", "fc2"], modules_to_save=["head"])
+        )
+        model.train()
+        return (lambda x: model(x)), [p for p in model.parameters() if p.requires_grad], model
+
+    def ssf(fast: bool):
+        def make():
+            backbone = timm.create_model(model_name, num_classes=0).cuda()
+            model = MultiTaskSSF(backbone)
+            model.add_task("task", classes)
+            model.set_fast_path(None if fast else False)
+            context = model.isolate_tasks(["task"])
+            params = context.__enter__()  # the run is thrown away: no need to write rows back
+            model.train()
+            return (lambda x: model(x, "task")), params, model
+
+        return make
+
+    variants: list[tuple[str, Callable]] = [("full fine-tuning", full_ft), ("linear probe", linear_probe)]
+    if peft:
+        try:
+            import peft as _  # noqa: F401
+
+            variants.append(("PEFT LoRA r=8 (qkv, proj, fc1, fc2) + head", lora))
+        except ImportError:
+            print("peft not installed: LoRA row skipped", file=sys.stderr)
+    variants += [("ssf-tasks SSF + head (fused path)", ssf(True)), ("ssf-tasks SSF + head (eager path)", ssf(False))]
+    for compiled in compile_modes:
+        for label, make in variants:
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            row = _time_training_step(make, compiled, images, labels, classes, warmup, repeats)
+            _report(
+                rows,
+                {
+                    "bench": "training",
+                    "model": model_name,
+                    "batch": batch,
+                    "compiled": compiled,
+                    "variant": label,
+                    **row,
+                },
+            )
+    for compiled in compile_modes:
+        group = [r for r in rows if r["compiled"] == compiled]
+        full = next(r for r in group if r["variant"] == "full fine-tuning")
+        for row in group:
+            row["time_vs_full"] = row["ms"] / full["ms"]
+            row["memory_vs_full"] = row["peak_gib"] / full["peak_gib"]
+    return rows
+
+
+def _time_training_step(make, compiled, images, labels, classes, warmup, repeats) -> Row:
+    """Build one variant, time its AdamW step and read its peak memory; everything is freed on return."""
+    forward, params, _holder = make()
+    if compiled:
+        forward = torch.compile(forward, dynamic=False)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(images)
+        loss = F.cross_entropy(logits.float()[:, :classes], labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = _timed(step, warmup=0, repeats=repeats)
+    return {"ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+@torch.inference_mode()
+def bench_fold(
+    model_name: str = "vit_base_patch16_224", batch: int = 256, classes: int = 10, warmup: int = 5, repeats: int = 20
+) -> list[Row]:
+    """The folded per-task model is the plain network: same latency as the backbone with a head."""
+    rows: list[Row] = []
+    model = MultiTaskSSF(timm.create_model(model_name, num_classes=0).cuda().eval(), sigma=0.05)
+    model.add_task("task", classes)
+    size = model.backbone.pretrained_cfg["input_size"][1]
+    images = torch.randn(batch, 3, size, size, device="cuda")
+    folded = model.fold("task")
+    error = _rel_error(folded(images), model(images, "task")[:, :classes])  # fp32, eager
+    plain = timm.create_model(model_name, num_classes=classes).cuda().eval().to(torch.bfloat16)
+    folded = folded.to(torch.bfloat16)
+    images = images.to(torch.bfloat16)
+    for label, net in (("plain timm model", plain), ("folded ssf-tasks export", folded)):
+        compiled = _compile(net, None)
+        ms = _timed(lambda: compiled(images), warmup=warmup, repeats=repeats)
+        row = {
+            "bench": "fold",
+            "model": model_name,
+            "batch": batch,
+            "variant": label + ", compiled",
+            "ms": ms,
+            "img_per_s": batch * 1000.0 / ms,
+        }
+        if label.startswith("folded"):
+            row["fp32_rel_err_vs_ssf"] = error
+        _report(rows, row)
+    torch._dynamo.reset()
+    return rows
+
+
+def environment() -> Row:
+    """The card and software versions a set of numbers was measured with."""
+    row: Row = {"torch": torch.__version__, "timm": timm.__version__}
+    if torch.cuda.is_available():
+        row["card"] = torch.cuda.get_device_name()
+    try:
+        import peft
+
+        row["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ssf-tasks bench", description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="+", choices=["inference", "scale", "training", "fold"])
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", help="write all rows as JSON to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the benchmarks need a CUDA device", file=sys.stderr)
+        return 1
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    started = time.time()
+    env = environment()
+    print(json.dumps(env), flush=True)
+    rows: list[Row] = []
+    for which in args.which:
+        if which == "inference":
+            rows += bench_inference(args.model, peft=not args.no_peft, repeats=args.repeats)
+        elif which == "scale":
+            rows += bench_inference(
+                args.model,
+                batch_sizes=(256,),
+                task_counts=(1, 1000, 10000),
+                peft=False,
+                loop=False,
+                repeats=args.repeats,
+            )
+        elif which == "training":
+            rows += bench_training(args.model, peft=not args.no_peft, repeats=args.repeats)
+        elif which == "fold":
+            rows += bench_fold(args.model, repeats=args.repeats)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"environment": env, "seconds": time.time() - started, "rows": rows}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
