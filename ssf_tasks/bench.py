@@ -199,6 +199,8 @@ def bench_training(
     peft: bool = True,
     warmup: int = 5,
     repeats: int = 20,
+    profile: bool = False,
+    only: tuple[str, ...] = (),
 ) -> list[Row]:
     """One AdamW step (bf16 autocast): full fine-tuning, linear probe, LoRA r=8, ssf-tasks SSF."""
     rows: list[Row] = []
@@ -253,11 +255,13 @@ def bench_training(
         except ImportError:
             print("peft not installed: LoRA row skipped", file=sys.stderr)
     variants += [("ssf-tasks SSF + head (fused path)", ssf(True)), ("ssf-tasks SSF + head (eager path)", ssf(False))]
+    if only:
+        variants = [(label, make) for label, make in variants if any(o in label for o in only)]
     for compiled in compile_modes:
         for label, make in variants:
             torch._dynamo.reset()
             torch.cuda.empty_cache()
-            row = _time_training_step(make, compiled, images, labels, classes, warmup, repeats)
+            row = _time_training_step(make, compiled, images, labels, classes, warmup, repeats, profile)
             _report(
                 rows,
                 {
@@ -271,14 +275,14 @@ def bench_training(
             )
     for compiled in compile_modes:
         group = [r for r in rows if r["compiled"] == compiled]
-        full = next(r for r in group if r["variant"] == "full fine-tuning")
-        for row in group:
+        full = next((r for r in group if r["variant"] == "full fine-tuning"), None)
+        for row in group if full else ():
             row["time_vs_full"] = row["ms"] / full["ms"]
             row["memory_vs_full"] = row["peak_gib"] / full["peak_gib"]
     return rows
 
 
-def _time_training_step(make, compiled, images, labels, classes, warmup, repeats) -> Row:
+def _time_training_step(make, compiled, images, labels, classes, warmup, repeats, profile=False) -> Row:
     """Build one variant, time its AdamW step and read its peak memory; everything is freed on return."""
     forward, params, _holder = make()
     if compiled:
@@ -299,7 +303,14 @@ def _time_training_step(make, compiled, images, labels, classes, warmup, repeats
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     ms = _timed(step, warmup=0, repeats=repeats)
-    return {"ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    return {"ms": ms, "peak_gib": peak}
 
 
 @torch.inference_mode()
@@ -356,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", help="write all rows as JSON to this file")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each training variant")
+    parser.add_argument("--only", nargs="*", default=[], help="training variants whose label contains one of these")
+    parser.add_argument("--eager-only", action="store_true", help="training: skip torch.compile")
+    parser.add_argument("--compiled-only", action="store_true", help="training: skip eager")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmarks need a CUDA device", file=sys.stderr)
@@ -379,7 +394,15 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=args.repeats,
             )
         elif which == "training":
-            rows += bench_training(args.model, peft=not args.no_peft, repeats=args.repeats)
+            modes = (False,) if args.eager_only else (True,) if args.compiled_only else (True, False)
+            rows += bench_training(
+                args.model,
+                peft=not args.no_peft,
+                repeats=args.repeats,
+                profile=args.profile,
+                only=tuple(args.only),
+                compile_modes=modes,
+            )
         elif which == "fold":
             rows += bench_fold(args.model, repeats=args.repeats)
     if args.out:

@@ -94,6 +94,9 @@ class TrainConfig(BaseModel):
     warmup_epochs: int = Field(default=1, ge=0)
     seed: int = 0
     transform: Literal["vtab", "fgvc"] = "vtab"
+    input_size: int | None = Field(
+        default=None, ge=8, description="Square input side; None keeps the backbone's pretrained size."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(default=True, description="bf16 autocast on GPU; ignored on CPU.")
     init_from: str | None = Field(default=None, description="Task whose γ/β start this run.")

@@ -75,6 +75,7 @@ class MultiTaskSSF(nn.Module):
         self.register_buffer("class_counts", torch.zeros(0, dtype=torch.long, device=weight.device), persistent=False)
         self.task_names: list[str] = []
         self._index: dict[str, int] = {}
+        self._counts: list[int] = []  # class_counts on the host: no device sync to read one
 
     # ----------------------------------------------------------------------------------------- introspection
     @property
@@ -96,7 +97,7 @@ class MultiTaskSSF(nn.Module):
         return int(self.head_weight.shape[1])
 
     def num_classes(self, name: str) -> int:
-        return int(self.class_counts[self.task_index(name)])
+        return self._counts[self.task_index(name)]
 
     def task_index(self, name: str) -> int:
         """The row of task ``name`` in every table."""
@@ -134,9 +135,11 @@ class MultiTaskSSF(nn.Module):
         yield self, "head_weight"
         yield self, "head_bias"
 
-    def _set_tasks(self, names: list[str]) -> None:
+    def _set_tasks(self, names: list[str], counts: list[int]) -> None:
         self.task_names = names
         self._index = {n: i for i, n in enumerate(names)}
+        self._counts = counts
+        self.class_counts = torch.tensor(counts, dtype=torch.long, device=self.class_counts.device)
 
     def add_task(self, name: str, num_classes: int, *, generator: torch.Generator | None = None) -> None:
         """Add a task: γ ~ N(1, σ), β ~ N(0, σ) at every site and a fresh head of ``num_classes`` outputs.
@@ -172,8 +175,7 @@ class MultiTaskSSF(nn.Module):
                 self.head_bias = _like(self.head_bias, nn.functional.pad(self.head_bias.detach(), pad[2:]))
             _append_rows(self, "head_weight", heads)
             _append_rows(self, "head_bias", torch.zeros(count, width))
-            self.class_counts = torch.cat([self.class_counts, self.class_counts.new_tensor(counts)])
-        self._set_tasks([*self.task_names, *tasks])
+        self._set_tasks([*self.task_names, *tasks], [*self._counts, *counts])
 
     def remove_task(self, name: str) -> None:
         """Drop a task's rows from every table; other tasks are unaffected."""
@@ -182,8 +184,7 @@ class MultiTaskSSF(nn.Module):
             for module, attr in self._tables():
                 table = getattr(module, attr)
                 setattr(module, attr, _like(table, table.detach()[keep].clone()))
-        self.class_counts = self.class_counts[keep]
-        self._set_tasks([n for n in self.task_names if n != name])
+        self._set_tasks([self.task_names[i] for i in keep], [self._counts[i] for i in keep])
 
     def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """One task's γ/β (``<site>.ssf_scale``, ``<site>.ssf_shift``) and head (``head.weight``, ``head.bias``)."""
@@ -273,11 +274,10 @@ class MultiTaskSSF(nn.Module):
         if len(set(rows)) != len(rows):
             raise DuplicateTaskError(f"a task is named twice in {list(names)}")
         full = {key: getattr(*key) for key in self._tables()}
-        saved_names, saved_counts = self.task_names, self.class_counts
+        saved_names, saved_counts = self.task_names, self._counts
         for (module, attr), table in full.items():
             setattr(module, attr, nn.Parameter(table.detach()[rows].clone()))
-        self.class_counts = saved_counts[rows]
-        self._set_tasks(list(names))
+        self._set_tasks(list(names), [saved_counts[r] for r in rows])
         trained = [getattr(*key) for key in full]
         finished = False
         try:
@@ -286,8 +286,7 @@ class MultiTaskSSF(nn.Module):
         finally:
             for (module, attr), table in full.items():
                 setattr(module, attr, table)
-            self.class_counts = saved_counts
-            self._set_tasks(saved_names)
+            self._set_tasks(saved_names, saved_counts)
             if finished:
                 with torch.no_grad():
                     for table, small in zip(full.values(), trained, strict=True):
@@ -334,7 +333,7 @@ class MultiTaskSSF(nn.Module):
         features = features.to(self.head_weight.dtype)
         if isinstance(index, int):
             # Only the task's own columns are computed, so its logits do not depend on other tasks' widths.
-            k = int(self.class_counts[index])
+            k = self._counts[index]
             logits = torch.addmm(self.head_bias[index, :k], features, self.head_weight[index, :k].t())
             return nn.functional.pad(logits, (0, self.max_classes - k), value=float("-inf"))
         logits = (self.head_weight[index] * features.unsqueeze(1)).sum(-1) + self.head_bias[index]

@@ -109,7 +109,7 @@ class SSFLayer(nn.Module):
 
         * LayerNorm: γ/β are folded into the norm's affine on the fly (``w·γ``, ``b·γ + β``); the norm's own
           backward then yields their gradients from what it saves anyway.
-        * Linear / Conv2d: the frozen op needs no saved input; the SSF output is saved instead and the pre-SSF
+        * Linear / patchify Conv2d: the frozen op needs no saved input; the SSF output is saved instead and the pre-SSF
           value is recomputed from it in backward as ``z = (y - β) / γ``. That output is usually saved by the next
           op anyway (GELU, attention), so it costs no memory, unlike ``x * γ + β``, which keeps its own input.
         """
@@ -128,12 +128,28 @@ def _fast_kind(base: nn.Module, rule: SiteRule) -> str | None:
         return None
     if type(base) is nn.Linear:
         return "linear"
-    if type(base) is nn.Conv2d and base.padding_mode == "zeros" and not isinstance(base.padding, str):
+    if type(base) is nn.Conv2d and _is_patchify(base):
         return "conv2d"
     layer_norm_types = (nn.LayerNorm, getattr(timm_layers, "LayerNorm", nn.LayerNorm))
     if type(base) in layer_norm_types and rule.channel_axis == -1 and base.bias is not None:
         return "layer_norm"
     return None
+
+
+def _is_patchify(conv: nn.Conv2d) -> bool:
+    """A non-overlapping patch embedding (ViT, Swin, ConvNeXt stems).
+
+    The fused path saves the op's output, so it must not be changed in place afterwards; CNN convs are often
+    followed by in-place activations (squeeze-excite), while a patchify conv is always followed by a reshape
+    or a norm. Other convs keep the eager path.
+    """
+    return (
+        conv.kernel_size == conv.stride
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and conv.padding in ((0, 0), 0)
+        and conv.dilation in ((1, 1), 1)
+    )
 
 
 def _conv_args(base: nn.Module) -> tuple | None:
