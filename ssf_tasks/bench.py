@@ -82,6 +82,7 @@ def bench_inference(
     loop: bool = True,
     warmup: int = 5,
     repeats: int = 20,
+    compile_mode: str | None = None,
 ) -> list[Row]:
     """Throughput of the plain backbone against mixed-task SSF batches (and a per-task loop and PEFT LoRA)."""
     dtype = torch.bfloat16
@@ -98,7 +99,7 @@ def bench_inference(
             generator = torch.Generator(device="cuda").manual_seed(batch)
             images = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype, generator=generator)
             tasks = torch.randint(0, num_tasks, (batch,), device="cuda", generator=generator)
-            mode = "reduce-overhead" if batch <= 8 else None
+            mode = compile_mode or ("reduce-overhead" if batch <= 8 else None)
             base = {
                 "bench": "inference",
                 "model": model_name,
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], help="training variants whose label contains one of these")
     parser.add_argument("--eager-only", action="store_true", help="training: skip torch.compile")
     parser.add_argument("--compiled-only", action="store_true", help="training: skip eager")
+    parser.add_argument("--mode", default=None, help="inference: torch.compile mode for every batch size")
+    parser.add_argument("--batches", type=int, nargs="*", default=[256, 8, 1], help="inference batch sizes")
+    parser.add_argument("--no-loop", action="store_true", help="inference: skip the loop-over-tasks baseline")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmarks need a CUDA device", file=sys.stderr)
@@ -383,7 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for which in args.which:
         if which == "inference":
-            rows += bench_inference(args.model, peft=not args.no_peft, repeats=args.repeats)
+            rows += bench_inference(
+                args.model,
+                tuple(args.batches),
+                peft=not args.no_peft,
+                loop=not args.no_loop,
+                repeats=args.repeats,
+                compile_mode=args.mode,
+            )
         elif which == "scale":
             rows += bench_inference(
                 args.model,

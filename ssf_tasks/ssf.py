@@ -145,6 +145,7 @@ def _is_patchify(conv: nn.Conv2d) -> bool:
     """
     return (
         conv.kernel_size == conv.stride
+        and min(conv.kernel_size) > 1
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and conv.padding in ((0, 0), 0)

@@ -67,7 +67,7 @@ def test_mixed_batch_equals_each_sample_alone(family):
     with torch.no_grad():
         mixed = model(images, tasks)
         alone = torch.cat([model(images[i : i + 1], [t]) for i, t in enumerate(tasks)])
-        by_index = model(images, torch.tensor([model.task_index(t) for t in tasks]))
+        by_index = model(images, torch.tensor([model.task_index(t) for t in tasks], device=images.device))
     assert mixed.shape == (4, 7)
     assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
     assert_close(by_index, mixed, rtol=0, atol=0)
@@ -128,7 +128,7 @@ def test_training_isolated_tasks_changes_only_them(family):
     model.train()
     with model.isolate_tasks(["a", "b"]) as params:
         optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-        labels = torch.tensor([0, 1, 2, 0])
+        labels = torch.tensor([0, 1, 2, 0], device=images.device)
         for _ in range(3):
             logits = model(images, ["a", "b", "a", "b"])  # several tasks in one mixed batch
             loss = torch.nn.functional.cross_entropy(logits, labels)
@@ -249,7 +249,7 @@ def test_fast_path_matches_eager_outputs_and_gradients(family):
         images = make_images(family).requires_grad_(True)
         model.train()
         logits = model(images, "a")[:, :5]
-        (logits * torch.linspace(-1, 1, 5)).sum().backward()
+        (logits * torch.linspace(-1, 1, 5, device=logits.device)).sum().backward()
         grads = {name: site.ssf_scale.grad.clone() for name, site in model.named_sites()}
         grads.update(
             {f"{n}.shift": s.ssf_shift.grad.clone() for n, s in model.named_sites() if s.ssf_shift is not None}

@@ -49,7 +49,7 @@ def test_fused_norm_act_gets_ssf_between_norm_and_activation():
     with torch.no_grad():
         site.ssf_scale.fill_(-1.0)  # a negative scale before SiLU differs from one after it
         site.ssf_shift.zero_()
-        x = torch.randn(1, site.channels, 4, 4)
+        x = torch.randn(1, site.channels, 4, 4, device=site.ssf_scale.device)
         model.routing.index = 0
         y = site(x)
         model.routing.index = None
