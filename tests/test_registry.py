@@ -70,9 +70,7 @@ def _task(name: str = "flowers", **overrides: object) -> TaskRecord:
         "backbone_fingerprint": FINGERPRINT,
         "class_names": ["daisy", "rose", "tulip"],
         "train_config": TrainConfig(epochs=3, lr=0.0123456789, transform="fgvc", patience=2, seed=7),
-        "metrics": TaskMetrics(
-            val_top1=0.8125, test_top1=None, epochs_run=3, train_seconds=12.5, best_epoch=2
-        ),
+        "metrics": TaskMetrics(val_top1=0.8125, test_top1=None, epochs_run=3, train_seconds=12.5, best_epoch=2),
         "created_at": datetime(2025, 6, 7, 8, 9, 10, 111213, tzinfo=timezone.utc),
     }
     fields.update(overrides)

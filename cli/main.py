@@ -1,0 +1,147 @@
+"""The ``ssf-tasks`` application: global options, the error boundary, and the top-level commands.
+
+Sub-apps, one per noun, live beside this file (``backbone``, ``task``; ``bench`` when present). Every command
+is a thin call into :mod:`ssf_tasks.service`.
+
+Errors: :class:`_CleanErrors` is the one place where an :class:`~ssf_tasks.errors.SSFTasksError` (or an
+invalid option value, a file system error, Ctrl-C) becomes ``error: <one line>`` on stderr and a non-zero
+exit code (1; 130 for Ctrl-C).
+Set ``SSF_TASKS_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import click
+import typer
+from pydantic import ValidationError
+from typer.core import TyperGroup
+
+from ssf_tasks import service
+from ssf_tasks.data import read_predict_manifest
+from ssf_tasks.errors import SSFTasksError
+
+from . import backbone, task
+from .state import AppState, engine_of, stdout
+
+__all__ = ["app", "main"]
+
+DEBUG_ENV = "SSF_TASKS_DEBUG"
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, ValidationError):  # options checked by a pydantic model, e.g. TrainConfig
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"invalid {where}: {first['msg']}"
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.strerror}: {error.filename}"
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+class _CleanErrors(TyperGroup):
+    """The root command group; every sub-command runs inside its ``invoke``, so this is the error boundary."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (SSFTasksError, ValidationError, OSError, KeyboardInterrupt) as error:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            interrupted = isinstance(error, KeyboardInterrupt)
+            message = _one_line(error) if not (interrupted and not str(error)) else "interrupted"
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(130 if interrupted else 1) from None
+        finally:
+            state = ctx.find_object(AppState)
+            if state is not None:
+                state.close()
+
+
+app = typer.Typer(
+    cls=_CleanErrors,
+    name="ssf-tasks",
+    help="One frozen timm backbone, many tasks: train, store, serve and export SSF tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(backbone.app, name="backbone")
+app.add_typer(task.app, name="task")
+try:  # the benchmark commands are optional (they need GPU-side extras)
+    from .bench import app as bench_app
+except ImportError:
+    bench_app = None
+if bench_app is not None:
+    app.add_typer(bench_app, name="bench")
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry",
+            envvar="SSF_TASKS_REGISTRY",
+            help="Registry as an SQLAlchemy URL (default: sqlite file in $SSF_TASKS_HOME, ~/.ssf-tasks).",
+            show_envvar=True,
+        ),
+    ] = None,
+) -> None:
+    """One frozen timm backbone, many tasks: train, store, serve and export SSF tasks."""
+    ctx.obj = AppState(registry_url=registry)
+
+
+@app.command("predict")
+def predict_command(
+    ctx: typer.Context,
+    source: Annotated[
+        Path, typer.Argument(help="Manifest CSV with header 'path,task', or a folder of images (with --task).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Predictions CSV to write: path,task,label,score.")],
+    task_name: Annotated[
+        str | None, typer.Option("--task", help="Run every image of the SOURCE folder through this task.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device")] = "auto",
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Labels per image (extra label_N,score_N).")] = 1,
+) -> None:
+    """Predict a manifest mixing any registered tasks, in batches of mixed tasks through one backbone pass."""
+    if task_name is not None:
+        items = service.folder_items(source, task_name)
+    else:
+        if source.is_dir():
+            raise SSFTasksError(f"{source} is a folder: pass --task NAME to predict a folder of images")
+        items = read_predict_manifest(source)
+    predictions = service.predict(
+        engine_of(ctx), items, batch_size=batch_size, device=device, top_k=top_k, source=str(source)
+    )
+    service.write_predictions(predictions, out, top_k=top_k)
+    tasks = sorted({p.task for p in predictions})
+    stdout.print(f"wrote {len(predictions)} predictions ({', '.join(tasks)}) to {out}")
+
+
+@app.command("export")
+def export_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Task to export.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for model.safetensors + config.json.")],
+    version: Annotated[int | None, typer.Option("--version", min=1, help="Version (default: latest).")] = None,
+) -> None:
+    """Fold a task into a plain timm model (timm's pretrained format; no ssf_tasks needed to load it)."""
+    folder = service.export_task(engine_of(ctx), name, out, version=version)
+    stdout.print(f"exported task '{name}' to {folder} (load with timm.create_model('local-dir:{folder}'))")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

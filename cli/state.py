@@ -1,0 +1,54 @@
+"""What every command shares: the registry given by the global ``--registry`` option, and the output consoles.
+
+The registry is opened on first use, so ``--help`` and usage errors never create or touch a database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import typer
+from rich.console import Console
+from sqlalchemy import Engine
+
+from ssf_tasks.registry import default_registry_url, open_registry
+
+__all__ = ["AppState", "engine_of", "print_table", "stderr", "stdout"]
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class AppState:
+    """Per-invocation state passed to sub-commands through ``ctx.obj`` (no global state)."""
+
+    registry_url: str | None = None
+    _engine: Engine | None = field(default=None, repr=False)
+
+    def engine(self) -> Engine:
+        """The registry's engine, opened (and its schema checked) on first use."""
+        if self._engine is None:
+            self._engine = open_registry(self.registry_url or default_registry_url())
+        return self._engine
+
+    def close(self) -> None:
+        """Release the registry's connections (SQLite files stay unlocked for the next process)."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+def engine_of(ctx: typer.Context) -> Engine:
+    """The registry engine of the running command."""
+    state = ctx.find_object(AppState)
+    if state is None:  # a sub-app invoked on its own, e.g. in a test
+        state = ctx.ensure_object(AppState)
+    return state.engine()
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Plain aligned columns (the first row is the header): readable, and easy to parse in scripts."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

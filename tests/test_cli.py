@@ -1,0 +1,390 @@
+"""End-to-end tests of the ``ssf-tasks`` command line, on a tiny timm model and a few real CIFAR-10 images.
+
+Every command runs in-process through Typer's ``CliRunner``. Every bad input must end in a one-line
+``error: ...`` with a non-zero exit code, no traceback, and the registry exactly as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from ssf_tasks import registry
+from ssf_tasks.errors import SSFTasksError
+from ssf_tasks_cli.main import app
+
+CLASSES = ["airplane", "frog", "ship"]
+PER_SPLIT = {"train": 6, "val": 2, "test": 3}
+TRAIN_ARGS = ["--epochs", "2", "--batch-size", "6", "--lr", "0.01", "--input-size", "64", "--device", "cpu"]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, assets) -> Path:
+    """Local test_resnet weights and a 3-class CIFAR-10 subset in ImageFolder layout."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet").state_dict(), root / "w.safetensors")
+    for split, count in PER_SPLIT.items():
+        for name in CLASSES:
+            folder = root / "data" / split / name
+            folder.mkdir(parents=True)
+            for image in sorted((assets / "datasets" / "cifar10" / split / name).glob("*.jpg"))[:count]:
+                shutil.copy(image, folder / image.name)
+    return root
+
+
+def invoke(url: str, *args: str, **kwargs):
+    return CliRunner().invoke(app, ["--registry", url, *map(str, args)], **kwargs)
+
+
+def ok(url: str, *args: str, **kwargs):
+    result = invoke(url, *args, **kwargs)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, tmp_path_factory) -> Path:
+    """A registry file holding backbone 'tr' and task 'cifar' (trained once for the module)."""
+    db = tmp_path_factory.mktemp("trained") / "registry.db"
+    url = f"sqlite:///{db}"
+    ok(url, "backbone", "add", "tr", "--model", "test_resnet", "--weights", workdir / "w.safetensors")
+    ok(url, "task", "add", "cifar", "--backbone", "tr", "--data", workdir / "data", *TRAIN_ARGS)
+    return db
+
+
+@pytest.fixture
+def url(trained, tmp_path) -> str:
+    """A private copy of the trained registry, so each test may change it."""
+    db = tmp_path / "registry.db"
+    shutil.copy(trained, db)
+    return f"sqlite:///{db}"
+
+
+def snapshot(url: str) -> tuple:
+    """Everything in a registry: backbones, and every version of every task with its payload hash."""
+    engine = registry.open_registry(url)
+    try:
+        with Session(engine) as s:
+            backbones = [b.model_dump_json() for b in registry.list_backbones(s)]
+            tasks = [
+                v.model_dump_json() for t in registry.list_tasks(s) for v in registry.list_task_versions(s, t.name)
+            ]
+        return tuple(backbones), tuple(tasks)
+    finally:
+        engine.dispose()
+
+
+def assert_clean_error(result, *needles: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_manifest(path: Path, rows: list[tuple[Path | str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "task"])
+        writer.writerows((str(p), t) for p, t in rows)
+    return path
+
+
+def _test_images(workdir) -> list[Path]:
+    return sorted((workdir / "data" / "test").glob("*/*.jpg"))
+
+
+# ----------------------------------------------------------------------------------------------- the jobs
+
+
+def test_backbone_and_task_listing(url):
+    backbones = ok(url, "backbone", "list").output
+    assert "tr" in backbones and "test_resnet" in backbones
+    listing = ok(url, "task", "list").output.splitlines()
+    assert listing[0].split()[:2] == ["NAME", "VERSION"] and listing[1].split()[:3] == ["cifar", "1", "tr"]
+    record = json.loads(ok(url, "task", "list", "--json").output.splitlines()[0])
+    assert record["class_names"] == CLASSES
+    assert record["train_config"]["input_size"] == 64 and record["metrics"]["epochs_run"] == 2
+    assert record["metrics"]["test_top1"] is not None
+    shown = ok(url, "task", "show", "cifar").output
+    assert '"name": "cifar"' in shown and "versions: 1" in shown
+
+
+def test_task_add_reports_and_versions(url, workdir):
+    result = ok(
+        url, "task", "add", "cifar", "--backbone", "tr", "--data", workdir / "data", "--new-version", *TRAIN_ARGS
+    )
+    assert "version 2" in result.stdout and "test top-1" in result.stdout
+    assert "versions: 1, 2" in ok(url, "task", "show", "cifar").output
+    ok(url, "task", "rm", "cifar", "--version", "1")
+    assert "versions: 2" in ok(url, "task", "show", "cifar").output
+
+
+def test_training_is_reproducible(url, workdir):
+    ok(url, "task", "add", "again", "--backbone", "tr", "--data", workdir / "data", *TRAIN_ARGS)
+    first, second = (json.loads(ok(url, "task", "show", n).output.split("\nversions")[0]) for n in ("cifar", "again"))
+    assert first["payload_sha256"] == second["payload_sha256"]
+
+
+def test_init_from_copies_gamma_beta(url, workdir, monkeypatch):
+    seen = {}
+    import ssf_tasks.service as service
+
+    real = service.train_task
+
+    def spy(model, name, *args, **kwargs):
+        seen.update(model.task_state_dict(name))
+        return real(model, name, *args, **kwargs)
+
+    monkeypatch.setattr(service, "train_task", spy)
+    ok(url, "task", "add", "cont", "--backbone", "tr", "--data", workdir / "data", "--init-from", "cifar", *TRAIN_ARGS)
+    engine = registry.open_registry(url)
+    with Session(engine) as s:
+        source = service._task_tensors(registry.get_task_payload(s, "cifar"), "cifar")
+        record = registry.get_task(s, "cont")
+    engine.dispose()
+    assert record.train_config.init_from == "cifar"
+    for key, value in source.items():  # same class names: γ/β and head all start from 'cifar'
+        torch.testing.assert_close(seen[key], value)
+
+
+def test_mixed_predict_export_and_eval(url, workdir, tmp_path):
+    ok(url, "task", "add", "cifar-b", "--backbone", "tr", "--data", workdir / "data", *TRAIN_ARGS, "--seed", "3")
+    images = _test_images(workdir)
+    rows = [(p, "cifar" if i % 2 else "cifar-b") for i, p in enumerate(images)] + [(images[0], "cifar")]
+    manifest = write_manifest(tmp_path / "manifest.csv", rows)
+    out = tmp_path / "predictions.csv"
+    ok(url, "predict", manifest, "--out", out, "--batch-size", "4")
+    predicted = read_csv(out)
+    assert list(predicted[0]) == ["path", "task", "label", "score"]
+    assert [(Path(r["path"]), r["task"]) for r in predicted] == [(Path(p), t) for p, t in rows]
+    assert all(r["label"] in CLASSES and 0 < float(r["score"]) <= 1 for r in predicted)
+    assert predicted[-1]["label"] == predicted[1]["label"]  # same image, same task, other batch
+
+    # The export loads into plain timm, both ways, and reproduces predict's answers for its task.
+    export = tmp_path / "export"
+    ok(url, "export", "cifar", "--out", export)
+    config = json.loads((export / "config.json").read_text())
+    assert config["architecture"] == "test_resnet" and config["label_names"] == CLASSES
+    manual = timm.create_model(config["architecture"], num_classes=config["num_classes"]).eval()
+    manual.load_state_dict(load_file(export / "model.safetensors"), strict=True)
+    hub_style = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=hub_style), is_training=False)
+    from PIL import Image
+
+    mine = [r for r in predicted if r["task"] == "cifar"]
+    batch = torch.stack([transform(Image.open(r["path"]).convert("RGB")) for r in mine])
+    with torch.no_grad():
+        for model in (manual, hub_style):
+            scores, labels = model(batch).softmax(-1).max(-1)
+            assert [CLASSES[i] for i in labels] == [r["label"] for r in mine]
+            torch.testing.assert_close(scores, torch.tensor([float(r["score"]) for r in mine]), atol=1e-5, rtol=0)
+
+    # eval uses the stored transform and agrees with the test top-1 stored at training time.
+    stored = json.loads(ok(url, "task", "list", "--json").output.splitlines()[0])["metrics"]["test_top1"]
+    assert f"top-1 {100 * stored:.1f}%" in ok(url, "task", "eval", "cifar", "--data", workdir / "data").output
+
+
+def test_predict_folder_with_top_k(url, workdir, tmp_path):
+    out = tmp_path / "p.csv"
+    ok(url, "predict", workdir / "data" / "test" / "frog", "--task", "cifar", "--out", out, "--top-k", "5")
+    rows = read_csv(out)
+    assert len(rows) == PER_SPLIT["test"] and {r["task"] for r in rows} == {"cifar"}
+    assert rows[0]["label_3"] and rows[0]["label_4"] == ""  # only 3 classes
+    assert sorted([rows[0]["label"], rows[0]["label_2"], rows[0]["label_3"]]) == CLASSES
+
+
+def test_registry_round_trip(url, workdir, tmp_path):
+    task_file = tmp_path / "cifar.ssf.safetensors"
+    ok(url, "task", "export-file", "cifar", "--out", task_file)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert_clean_error(invoke(other, "task", "import-file", task_file), "fingerprint", "backbone add")
+    ok(other, "backbone", "add", "same-weights", "--model", "test_resnet", "--weights", workdir / "w.safetensors")
+    assert "onto backbone 'same-weights'" in ok(other, "task", "import-file", task_file).output
+    a, b = (json.loads(ok(u, "task", "list", "--json").output) for u in (url, other))
+    assert a["payload_sha256"] == b["payload_sha256"] and a["class_names"] == b["class_names"]
+    manifest = write_manifest(tmp_path / "m.csv", [(p, "cifar") for p in _test_images(workdir)])
+    ok(url, "predict", manifest, "--out", tmp_path / "a.csv")
+    ok(other, "predict", manifest, "--out", tmp_path / "b.csv")
+    assert read_csv(tmp_path / "a.csv") == read_csv(tmp_path / "b.csv")
+    before = snapshot(other)
+    assert_clean_error(invoke(other, "task", "import-file", task_file), "already exists")
+    assert snapshot(other) == before
+
+
+def test_registry_from_environment(trained, tmp_path):
+    db = tmp_path / "env.db"
+    shutil.copy(trained, db)
+    result = CliRunner().invoke(app, ["task", "list"], env={"SSF_TASKS_REGISTRY": f"sqlite:///{db}"})
+    assert result.exit_code == 0 and "cifar" in result.output
+    home = tmp_path / "home"
+    env = {"SSF_TASKS_REGISTRY": None, "SSF_TASKS_HOME": str(home)}
+    result = CliRunner().invoke(app, ["backbone", "list"], env=env)
+    assert result.exit_code == 0 and "no backbones" in result.output and (home / "registry.db").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _data_variant(workdir: Path, tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A broken dataset and the text its error must contain."""
+    if kind == "missing":
+        return tmp_path / "nowhere", "nowhere"
+    if kind == "empty":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty", "empty"
+    data = tmp_path / "data"
+    shutil.copytree(workdir / "data", data)
+    if kind == "empty-class":
+        (data / "train" / "zebra").mkdir()
+        return data, "zebra"
+    if kind == "corrupt":
+        bad = data / "train" / "frog" / "broken.jpg"
+        bad.write_bytes(b"this is not a jpeg")
+        return data, "broken.jpg"
+    bad = data / "val" / "ship" / "notes.txt"
+    bad.write_text("hello")
+    return data, "notes.txt"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "empty-class", "corrupt", "non-image"])
+def test_bad_data(url, workdir, tmp_path, kind):
+    data, needle = _data_variant(workdir, tmp_path, kind)
+    before = snapshot(url)
+    result = invoke(url, "task", "add", "broken", "--backbone", "tr", "--data", data, *TRAIN_ARGS)
+    assert_clean_error(result, needle)
+    assert snapshot(url) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["task", "show", "nope"], "unknown task 'nope'"),
+        (["task", "rm", "nope"], "unknown task 'nope'"),
+        (["task", "eval", "nope", "--data", "{data}"], "unknown task 'nope'"),
+        (["export", "nope", "--out", "{tmp}/x"], "unknown task 'nope'"),
+        (["task", "export-file", "nope", "--out", "{tmp}/x.st"], "unknown task 'nope'"),
+        (["task", "add", "t", "--backbone", "nope", "--data", "{data}"], "unknown backbone 'nope'"),
+        (["task", "add", "Bad Name!", "--backbone", "tr", "--data", "{data}"], "invalid task name 'Bad Name!'"),
+        (["task", "add", "cifar", "--backbone", "tr", "--data", "{data}"], "already exists"),
+        (["task", "add", "t", "--backbone", "tr", "--data", "{data}", "--init-from", "nope"], "unknown task 'nope'"),
+        (["task", "add", "t", "--backbone", "tr", "--data", "{data}", "--lr", "-1"], "lr"),
+        (["backbone", "add", "tr", "--model", "test_resnet", "--weights", "{w}"], "already exists"),
+        (["backbone", "add", "b2", "--model", "no_such_model", "--weights", "{w}"], "no_such_model"),
+        (["backbone", "add", "b2", "--model", "test_resnet", "--weights", "{tmp}/missing.pth"], "missing.pth"),
+        (["backbone", "add", "b2", "--model", "test_vit", "--weights", "{w}"], "does not fit"),
+        (["task", "import-file", "{w}"], "not an ssf-tasks task file"),
+        (["task", "import-file", "{tmp}/nothing.st"], "nothing.st"),
+    ],
+)
+def test_bad_names_and_references(url, workdir, tmp_path, args, needle):
+    values = {"data": workdir / "data", "tmp": tmp_path, "w": workdir / "w.safetensors"}
+    before = snapshot(url)
+    assert_clean_error(invoke(url, *(a.format(**values) for a in args)), needle)
+    assert snapshot(url) == before
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.st").exists()
+
+
+def test_unwritable_registry(tmp_path):
+    result = invoke("sqlite:////proc/ssf-tasks-test/registry.db", "task", "list")
+    assert_clean_error(result, "/proc/ssf-tasks-test")
+
+
+def test_registry_from_newer_schema(url):
+    db = Path(url.removeprefix("sqlite:///"))
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE schema_info SET schema_version = 99")
+    digest = hashlib.sha256(db.read_bytes()).hexdigest()
+    assert_clean_error(invoke(url, "task", "list"), "schema version 99", "upgrade")
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("problem", ["unknown-task", "missing-file", "corrupt-image"])
+def test_bad_manifest(url, workdir, tmp_path, problem):
+    images = _test_images(workdir)
+    rows: list[tuple[Path | str, str]] = [(p, "cifar") for p in images[:3]]
+    if problem == "unknown-task":
+        rows.insert(1, (images[3], "nope"))
+        needle = "row 2"
+    elif problem == "missing-file":
+        rows.insert(2, (tmp_path / "gone.jpg", "cifar"))
+        needle = "gone.jpg"
+    else:
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"\x89PNG not really")
+        rows.append((bad, "cifar"))
+        needle = "bad.png"
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "predictions.csv"
+    assert_clean_error(invoke(url, "predict", manifest, "--out", out), needle)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".predictions")]  # no temp file left
+
+
+def test_nan_loss_stores_nothing(url, workdir):
+    before = snapshot(url)
+    args = ["--epochs", "2", "--batch-size", "3", "--lr", "1e30", "--input-size", "64", "--device", "cpu"]
+    result = invoke(url, "task", "add", "boom", "--backbone", "tr", "--data", workdir / "data", *args)
+    assert_clean_error(result, "loss became", "nothing was stored")
+    assert snapshot(url) == before
+
+
+def test_ctrl_c_stores_nothing(url, workdir, monkeypatch):
+    import ssf_tasks.service as service
+
+    real = service.train_task
+
+    def interrupted_after_two_steps(*args, progress=None, **kwargs):
+        def report(p):
+            if p.step == 2:
+                raise KeyboardInterrupt
+            if progress is not None:
+                progress(p)
+
+        return real(*args, progress=report, **kwargs)
+
+    monkeypatch.setattr(service, "train_task", interrupted_after_two_steps)
+    before = snapshot(url)
+    result = invoke(url, "task", "add", "stopped", "--backbone", "tr", "--data", workdir / "data", *TRAIN_ARGS)
+    assert_clean_error(result, "interrupted", code=130)
+    assert snapshot(url) == before
+
+
+def test_changed_backbone_weights_are_refused(url, workdir, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(workdir / "w.safetensors", weights)
+    ok(url, "backbone", "add", "mutable", "--model", "test_resnet", "--weights", weights)
+    ok(url, "task", "add", "fragile", "--backbone", "mutable", "--data", workdir / "data", *TRAIN_ARGS)
+    state = load_file(weights)
+    first = next(iter(state))
+    state[first] = state[first] + 1
+    save_file(state, weights)
+    manifest = write_manifest(tmp_path / "m.csv", [(_test_images(workdir)[0], "fragile")])
+    assert_clean_error(invoke(url, "predict", manifest, "--out", tmp_path / "p.csv"), "changed", "mutable")
+    assert_clean_error(invoke(url, "export", "fragile", "--out", tmp_path / "e"), "changed")
+
+
+def test_debug_env_shows_the_exception(url):
+    result = invoke(url, "task", "show", "nope", env={"SSF_TASKS_DEBUG": "1"})
+    assert result.exit_code != 0 and isinstance(result.exception, SSFTasksError)
