@@ -388,3 +388,11 @@ def test_changed_backbone_weights_are_refused(url, workdir, tmp_path):
 def test_debug_env_shows_the_exception(url):
     result = invoke(url, "task", "show", "nope", env={"SSF_TASKS_DEBUG": "1"})
     assert result.exit_code != 0 and isinstance(result.exception, SSFTasksError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without a GPU")
+def test_bench_without_a_gpu_is_a_clean_error():
+    result = CliRunner().invoke(app, ["bench", "fold", "--repeats", "3"])
+    assert result.exit_code == 1
+    assert "error: the benchmarks need a CUDA device" in result.output
+    assert "Traceback" not in result.output
