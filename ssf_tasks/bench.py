@@ -47,6 +47,20 @@ def _timed(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _print_profile(fn: Callable[[], Any], label: str = "") -> None:
+    """The top CUDA kernels of three calls of ``fn``: where the time of a variant goes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    print(f"--- profile: {label}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
+def _graph_breaks() -> int:
+    return int(sum(torch._dynamo.utils.counters["graph_break"].values()))
+
+
 def _rel_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     result, reference = result.float(), reference.float()
     finite = torch.isfinite(reference)
@@ -56,6 +70,7 @@ def _rel_error(result: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _compile(module: nn.Module | Callable, mode: str | None) -> Callable:
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     return torch.compile(module, mode=mode, dynamic=False)
 
 
@@ -83,6 +98,7 @@ def bench_inference(
     warmup: int = 5,
     repeats: int = 20,
     compile_mode: str | None = None,
+    profile: bool = False,
 ) -> list[Row]:
     """Throughput of the plain backbone against mixed-task SSF batches (and a per-task loop and PEFT LoRA)."""
     dtype = torch.bfloat16
@@ -126,7 +142,11 @@ def bench_inference(
             )
             compiled_model = _compile(model, mode)
             error = _rel_error(compiled_model(images, tasks).clone(), reference)
+            breaks = _graph_breaks()
             ssf_ms = _timed(lambda: compiled_model(images, tasks), warmup=warmup, repeats=repeats)
+            if profile:
+                _print_profile(lambda: compiled_plain(images), f"plain compiled, batch {batch}")
+                _print_profile(lambda: compiled_model(images, tasks), f"ssf-tasks compiled, batch {batch}")
             _report(
                 rows,
                 {
@@ -134,6 +154,7 @@ def bench_inference(
                     "variant": "ssf-tasks mixed, compiled",
                     "ms": ssf_ms,
                     "rel_err": error,
+                    "graph_breaks": breaks,
                     "resident_gib": resident_gib,
                 },
             )
@@ -306,11 +327,7 @@ def _time_training_step(make, compiled, images, labels, classes, warmup, repeats
     ms = _timed(step, warmup=0, repeats=repeats)
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        _print_profile(step)
     return {"ms": ms, "peak_gib": peak}
 
 
@@ -368,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", help="write all rows as JSON to this file")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each training variant")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
     parser.add_argument("--only", nargs="*", default=[], help="training variants whose label contains one of these")
     parser.add_argument("--eager-only", action="store_true", help="training: skip torch.compile")
     parser.add_argument("--compiled-only", action="store_true", help="training: skip eager")
@@ -394,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 loop=not args.no_loop,
                 repeats=args.repeats,
                 compile_mode=args.mode,
+                profile=args.profile,
             )
         elif which == "scale":
             rows += bench_inference(
