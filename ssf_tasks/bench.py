@@ -21,6 +21,7 @@ from typing import Any
 
 import timm
 import torch
+import torch._functorch.config as functorch_config
 from torch import nn
 from torch.nn import functional as F
 
@@ -223,6 +224,7 @@ def bench_training(
     repeats: int = 20,
     profile: bool = False,
     only: tuple[str, ...] = (),
+    memory_budgets: tuple[float, ...] = (0.5, 0.2),
 ) -> list[Row]:
     """One AdamW step (bf16 autocast): full fine-tuning, linear probe, LoRA r=8, ssf-tasks SSF."""
     rows: list[Row] = []
@@ -277,13 +279,19 @@ def bench_training(
         except ImportError:
             print("peft not installed: LoRA row skipped", file=sys.stderr)
     variants += [("ssf-tasks SSF + head (fused path)", ssf(True)), ("ssf-tasks SSF + head (eager path)", ssf(False))]
+    # torch.compile's activation-memory budget: the partitioner recomputes cheap ops instead of saving them.
+    budgeted = [
+        (f"ssf-tasks SSF + head (fused path, activation_memory_budget={b})", ssf(True), b) for b in memory_budgets
+    ]
     if only:
         variants = [(label, make) for label, make in variants if any(o in label for o in only)]
     for compiled in compile_modes:
-        for label, make in variants:
+        for label, make, budget in [(label, make, None) for label, make in variants] + (budgeted if compiled else []):
             torch._dynamo.reset()
             torch.cuda.empty_cache()
-            row = _time_training_step(make, compiled, images, labels, classes, warmup, repeats, profile)
+            patch = {} if budget is None else {"activation_memory_budget": budget}
+            with functorch_config.patch(**patch):
+                row = _time_training_step(make, compiled, images, labels, classes, warmup, repeats, profile)
             _report(
                 rows,
                 {
