@@ -57,7 +57,7 @@ def fold_task(model: MultiTaskSSF, name: str) -> nn.Module:
     reference = model.head_weight
     classifier.to(device=reference.device, dtype=next(folded.parameters()).dtype)
     with torch.no_grad():
-        classifier.weight.copy_(head_w)
+        classifier.weight.copy_(head_w.view_as(classifier.weight))  # a 1x1-conv classifier takes [K, D, 1, 1]
         classifier.bias.copy_(head_b)
     folded.requires_grad_(False)
     return folded.eval()

@@ -302,6 +302,13 @@ class MultiTaskSSF(nn.Module):
                 raise BatchMismatchError(f"got {tuple(tasks.shape)} task indices for a batch of {batch}")
             if tasks.dtype != torch.long:
                 raise BatchMismatchError(f"task indices must be a LongTensor, got {tasks.dtype}")
+            if not torch.compiler.is_compiling() and tasks.numel():
+                # Checked eagerly (one sync): an out-of-range index on CUDA would be a device-side assert.
+                low, high = int(tasks.min()), int(tasks.max())
+                if low < 0 or high >= len(self.task_names):
+                    raise TaskNotFoundError(
+                        f"task index {low if low < 0 else high} is out of range for {len(self.task_names)} tasks"
+                    )
             return tasks.to(self.class_counts.device)
         names = list(tasks)
         if len(names) != batch:

@@ -188,6 +188,8 @@ def test_bad_task_inputs_raise_clear_errors():
         model(images, ["a", "b"])
     with pytest.raises(BatchMismatchError):
         model(images, torch.tensor([0, 1]))
+    with pytest.raises(TaskNotFoundError, match="task index 3 is out of range for 3 tasks"):
+        model(images, torch.tensor([0, 3, 1], device=images.device))
     with pytest.raises(DuplicateTaskError, match="'a' already exists"):
         model.add_task("a", 3)
     with pytest.raises(TaskNotFoundError):
