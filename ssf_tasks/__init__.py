@@ -1,24 +1,7 @@
 """ssf-tasks: one frozen timm backbone serving many tasks through SSF scale/shift parameters."""
 
-from .errors import (
-    BackboneError,
-    BackboneMismatchError,
-    BatchMismatchError,
-    DataError,
-    DuplicateTaskError,
-    FoldError,
-    InvalidNameError,
-    NoSitesError,
-    PatternMatchError,
-    RegistryError,
-    SchemaVersionError,
-    SSFTasksError,
-    StateDictMismatchError,
-    TaskNotFoundError,
-    TrainingError,
-    TrainingInterrupted,
-    WeightsNotFoundError,
-)
+from . import errors
+from .errors import *  # noqa: F403 (every error class is public API; errors.__all__ lists them)
 from .fold import fold_error, fold_task
 from .model import MultiTaskSSF
 from .sites import find_sites
@@ -26,27 +9,4 @@ from .ssf import SSFLayer
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MultiTaskSSF",
-    "SSFLayer",
-    "find_sites",
-    "fold_task",
-    "fold_error",
-    "SSFTasksError",
-    "TaskNotFoundError",
-    "DuplicateTaskError",
-    "InvalidNameError",
-    "BatchMismatchError",
-    "NoSitesError",
-    "PatternMatchError",
-    "StateDictMismatchError",
-    "FoldError",
-    "BackboneError",
-    "WeightsNotFoundError",
-    "BackboneMismatchError",
-    "DataError",
-    "TrainingError",
-    "TrainingInterrupted",
-    "RegistryError",
-    "SchemaVersionError",
-]
+__all__ = ["MultiTaskSSF", "SSFLayer", "find_sites", "fold_task", "fold_error", *errors.__all__]

@@ -128,6 +128,18 @@ def train_task(
     started = time.perf_counter()
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def score(dataset: Dataset) -> float:
+        return evaluate(
+            model,
+            name,
+            dataset,
+            batch_size=config.batch_size,
+            device=device,
+            amp=config.amp,
+            num_workers=config.num_workers,
+        )
+
     stale_epochs = 0
     epoch = 0
     try:
@@ -149,24 +161,16 @@ def train_task(
                 step += steps_per_epoch
                 record = {"epoch": float(epoch), "loss": loss, "train_top1": accuracy}
                 if val_set is not None and len(val_set) > 0:
-                    record["val_top1"] = evaluate(
-                        model,
-                        name,
-                        val_set,
-                        batch_size=config.batch_size,
-                        device=device,
-                        amp=config.amp,
-                        num_workers=config.num_workers,
-                    )
+                    record["val_top1"] = score(val_set)
                     model.train()
                     if progress is not None:
                         progress(
                             TrainProgress("val", epoch, config.epochs, step, total_steps, loss, record["val_top1"], 0.0)
                         )
                 history.append(record)
-                score = record.get("val_top1", float(epoch))  # without val, the last epoch is the best
-                if best is None or score > best[0]:
-                    best, stale_epochs = (score, epoch, model.task_state_dict(name)), 0
+                epoch_score = record.get("val_top1", float(epoch))  # without val, the last epoch is the best
+                if best is None or epoch_score > best[0]:
+                    best, stale_epochs = (epoch_score, epoch, model.task_state_dict(name)), 0
                 else:
                     stale_epochs += 1
                     if config.patience is not None and stale_epochs >= config.patience:
@@ -176,17 +180,7 @@ def train_task(
         raise TrainingInterrupted(f"training of {name!r} interrupted at epoch {epoch}; nothing was changed") from None
     model.eval()
     val_top1 = next((h["val_top1"] for h in history if h["epoch"] == best[1] and "val_top1" in h), None)
-    test_top1 = None
-    if test_set is not None and len(test_set) > 0:
-        test_top1 = evaluate(
-            model,
-            name,
-            test_set,
-            batch_size=config.batch_size,
-            device=device,
-            amp=config.amp,
-            num_workers=config.num_workers,
-        )
+    test_top1 = score(test_set) if test_set is not None and len(test_set) > 0 else None
     return TrainResult(best[1], len(history), val_top1, test_top1, time.perf_counter() - started, history)
 
 
