@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -47,6 +48,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    update,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL, make_url
@@ -69,6 +71,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "add_backbone",
     "add_task_version",
+    "check_writable",
     "default_registry_url",
     "get_backbone",
     "get_task",
@@ -79,6 +82,7 @@ __all__ = [
     "open_registry",
     "remove_backbone",
     "remove_task",
+    "transaction",
 ]
 
 SCHEMA_VERSION = 1
@@ -215,8 +219,10 @@ def open_registry(url: str, *, sqlite_busy_timeout: float = 30.0) -> Engine:
         _make_sqlite_folder(parsed, shown)
     try:
         engine = create_engine(parsed)
-    except SQLAlchemyError as e:  # unknown dialect, driver not installed, bad arguments
+    except SQLAlchemyError as e:  # unknown dialect, bad arguments
         raise RegistryError(f"cannot use registry {shown}: {e}") from e
+    except ImportError as e:  # the dialect's driver is not installed (e.g. postgresql:// without psycopg)
+        raise RegistryError(f"cannot use registry {shown}: its database driver is not installed ({e.name or e})") from e
     if is_sqlite:
         _configure_sqlite(engine, sqlite_busy_timeout)
     try:
@@ -301,18 +307,55 @@ def _db_errors(action: str) -> Iterator[None]:
         raise RegistryError(f"registry error while {action}: {_reason(e)}") from e
 
 
+@contextmanager
+def transaction(engine: Engine, action: str) -> Iterator[Session]:
+    """``with Session(engine) as s, s.begin(): ...`` whose failures, the commit's included, are RegistryErrors.
+
+    The registry functions below turn the errors of their own statements into :class:`RegistryError`, but the
+    commit runs after they return: a full disk, a lost server connection or a lock timeout surfaces there.
+
+    Args:
+        engine: The registry.
+        action: What the transaction does, for the message (e.g. ``"storing task 'cats'"``).
+    """
+    with _db_errors(action), Session(engine) as s, s.begin():
+        yield s
+
+
+def check_writable(s: Session) -> None:
+    """Fail now, not after an hour of training, if the registry cannot be written (read-only file or user).
+
+    Writes a no-op update; the caller rolls the transaction back (closing the session without commit does).
+
+    Raises:
+        RegistryError: The database refuses the write.
+    """
+    with _db_errors("checking that the registry can be written"):
+        s.execute(update(_SchemaInfo).where(_SchemaInfo.id == 1).values(schema_version=_SchemaInfo.schema_version))
+
+
 # ------------------------------------------------------------------------------------------ backbones
 
 
+def _invalid_row(what: str, error: ValidationError) -> RegistryError:
+    # A row edited by hand or written by another tool: say which row, not just which pydantic field.
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "record"
+    return RegistryError(f"the registry's record of {what} is invalid: {where}: {first['msg']}")
+
+
 def _backbone_record(row: _BackboneRow) -> BackboneRecord:
-    return BackboneRecord(
-        name=row.name,
-        timm_name=row.timm_name,
-        weights_source=row.weights_source,
-        fingerprint=row.fingerprint,
-        num_features=row.num_features,
-        created_at=row.created_at,
-    )
+    try:
+        return BackboneRecord(
+            name=row.name,
+            timm_name=row.timm_name,
+            weights_source=row.weights_source,
+            fingerprint=row.fingerprint,
+            num_features=row.num_features,
+            created_at=row.created_at,
+        )
+    except ValidationError as e:
+        raise _invalid_row(f"backbone '{row.name}'", e) from e
 
 
 def _unknown_backbone(s: Session, name: str) -> BackboneError:
@@ -392,17 +435,20 @@ def remove_backbone(s: Session, name: str) -> None:
 
 
 def _task_record(row: _TaskVersionRow) -> TaskRecord:
-    return TaskRecord(
-        name=row.task_name,
-        version=row.version,
-        backbone=row.backbone_name,
-        backbone_fingerprint=row.backbone_fingerprint,
-        class_names=list(row.class_names),
-        train_config=TrainConfig.model_validate(row.train_config),
-        metrics=TaskMetrics.model_validate(row.metrics),
-        payload_sha256=row.payload_sha256,
-        created_at=row.created_at,
-    )
+    try:
+        return TaskRecord(
+            name=row.task_name,
+            version=row.version,
+            backbone=row.backbone_name,
+            backbone_fingerprint=row.backbone_fingerprint,
+            class_names=list(row.class_names),
+            train_config=TrainConfig.model_validate(row.train_config),
+            metrics=TaskMetrics.model_validate(row.metrics),
+            payload_sha256=row.payload_sha256,
+            created_at=row.created_at,
+        )
+    except ValidationError as e:
+        raise _invalid_row(f"task '{row.task_name}' version {row.version}", e) from e
 
 
 def _unknown_task(s: Session, name: str) -> TaskNotFoundError:
@@ -414,9 +460,7 @@ def _unknown_task(s: Session, name: str) -> TaskNotFoundError:
 def _versions_of(s: Session, name: str) -> list[int]:
     return list(
         s.scalars(
-            select(_TaskVersionRow.version)
-            .where(_TaskVersionRow.task_name == name)
-            .order_by(_TaskVersionRow.version)
+            select(_TaskVersionRow.version).where(_TaskVersionRow.task_name == name).order_by(_TaskVersionRow.version)
         )
     )
 
@@ -433,9 +477,7 @@ def _version_row(s: Session, name: str, version: int | None) -> _TaskVersionRow:
     versions = _versions_of(s, name)
     if not versions:
         raise _unknown_task(s, name)
-    raise TaskNotFoundError(
-        f"task '{name}' has no version {version}; its versions: {', '.join(map(str, versions))}"
-    )
+    raise TaskNotFoundError(f"task '{name}' has no version {version}; its versions: {', '.join(map(str, versions))}")
 
 
 def add_task_version(s: Session, record: TaskRecord, payload: bytes, *, new_version: bool) -> TaskRecord:
@@ -498,8 +540,7 @@ def add_task_version(s: Session, record: TaskRecord, payload: bytes, *, new_vers
                 s.add(row)
         except IntegrityError as e:
             raise RegistryError(
-                f"another process added version {row.version} of task '{record.name}' at the same time; "
-                "try again"
+                f"another process added version {row.version} of task '{record.name}' at the same time; try again"
             ) from e
         return _task_record(row)
 
@@ -569,8 +610,7 @@ def list_tasks(s: Session) -> list[TaskRecord]:
             select(_TaskVersionRow)
             .join(
                 latest,
-                (_TaskVersionRow.task_name == latest.c.task_name)
-                & (_TaskVersionRow.version == latest.c.version),
+                (_TaskVersionRow.task_name == latest.c.task_name) & (_TaskVersionRow.version == latest.c.version),
             )
             .order_by(_TaskVersionRow.task_name)
         )
@@ -615,11 +655,7 @@ def remove_task(s: Session, name: str, version: int | None = None) -> int:
                 f"task '{name}' has no version {version}; its versions: {', '.join(map(str, versions))}"
             )
         doomed = versions if version is None else [version]
-        s.execute(
-            delete(_TaskVersionRow).where(
-                _TaskVersionRow.task_name == name, _TaskVersionRow.version.in_(doomed)
-            )
-        )
+        s.execute(delete(_TaskVersionRow).where(_TaskVersionRow.task_name == name, _TaskVersionRow.version.in_(doomed)))
         if len(doomed) == len(versions):
             s.delete(task)
         s.flush()

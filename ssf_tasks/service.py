@@ -157,7 +157,7 @@ def add_backbone(
         fingerprint=fingerprint(module),
         num_features=int(getattr(module, "head_hidden_size", None) or module.num_features),
     )
-    with Session(engine) as s, s.begin():
+    with registry.transaction(engine, f"adding backbone '{name}'") as s:
         registry.add_backbone(s, record)
     return record
 
@@ -228,7 +228,7 @@ def show_task(engine: Engine, name: str, version: int | None = None) -> tuple[Ta
 
 def remove_task(engine: Engine, name: str, version: int | None = None) -> int:
     """Remove one version of a task, or all of them; returns how many were removed."""
-    with Session(engine) as s, s.begin():
+    with registry.transaction(engine, f"removing task '{name}'") as s:
         return registry.remove_task(s, name, version)
 
 
@@ -289,6 +289,7 @@ def train_and_store(
                     f"'{backbone}' (fingerprints differ); it can only start tasks of its own backbone"
                 )
             init = source, registry.get_task_payload(s, source.name, source.version)
+        registry.check_writable(s)  # rolled back when the session closes
 
     splits = load_splits(data)
     module = load_backbone(backbone_record)
@@ -331,7 +332,7 @@ def train_and_store(
         ),
     )
     payload = _payload(model.task_state_dict(name))
-    with Session(engine) as s, s.begin():
+    with registry.transaction(engine, f"storing task '{name}'") as s:
         stored = registry.add_task_version(s, record, payload, new_version=new_version)
     return stored, result
 
@@ -468,7 +469,10 @@ def folder_items(folder: str | os.PathLike[str], task: str) -> list[tuple[Path, 
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # Hidden files (macOS "._x.jpg" resource forks, editors' temp files) are skipped, as in training folders.
+    files = sorted(
+        p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not files:
         raise DataError(f"no image files in {root}")
     return [(p, task) for p in files]
@@ -615,10 +619,11 @@ def export_task(engine: Engine, name: str, out_dir: str | os.PathLike[str], *, v
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SSFTasksError(f"cannot export to {out}: it exists and is not a folder")
-    with _writing(out / "model.safetensors") as temp:
-        safetensors.torch.save_file(state, str(temp), metadata={"format": "pt"})
-    with _writing(out / "config.json") as temp:
-        temp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # Both files are written before either replaces its old self, so a failure (full disk, Ctrl-C) never leaves
+    # a weights file without its config, or a new model beside an old export's config.
+    with _writing(out / "model.safetensors") as weights_temp, _writing(out / "config.json") as config_temp:
+        safetensors.torch.save_file(state, str(weights_temp), metadata={"format": "pt"})
+        config_temp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 
 
@@ -693,5 +698,5 @@ def import_task_file(engine: Engine, file: str | os.PathLike[str], *, new_versio
         )
     chosen = next((b for b in matches if b.name == record.backbone), matches[0])
     record = record.model_copy(update={"backbone": chosen.name})
-    with Session(engine) as s, s.begin():
+    with registry.transaction(engine, f"importing task '{record.name}'") as s:
         return registry.add_task_version(s, record, payload, new_version=new_version)

@@ -311,6 +311,20 @@ def test_unwritable_registry(tmp_path):
     assert_clean_error(result, "/proc/ssf-tasks-test")
 
 
+def test_read_only_registry_refuses_task_add_before_training(url, workdir, monkeypatch):
+    import ssf_tasks.service as service
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("training started although the result could not be stored")
+
+    monkeypatch.setattr(service, "train_task", must_not_train)
+    before = snapshot(url)
+    read_only = f"sqlite:///file:{url.removeprefix('sqlite:///')}?mode=ro&uri=true"
+    result = invoke(read_only, "task", "add", "ro", "--backbone", "tr", "--data", workdir / "data", *TRAIN_ARGS)
+    assert_clean_error(result, "readonly")
+    assert snapshot(url) == before
+
+
 def test_registry_from_newer_schema(url):
     db = Path(url.removeprefix("sqlite:///"))
     with sqlite3.connect(db) as conn:

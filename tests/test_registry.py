@@ -36,6 +36,7 @@ from ssf_tasks.registry import (
     SCHEMA_VERSION,
     add_backbone,
     add_task_version,
+    check_writable,
     default_registry_url,
     get_backbone,
     get_task,
@@ -46,6 +47,7 @@ from ssf_tasks.registry import (
     open_registry,
     remove_backbone,
     remove_task,
+    transaction,
 )
 
 FINGERPRINT = hashlib.sha256(b"vit-tiny weights").hexdigest()
@@ -418,3 +420,63 @@ def test_naive_datetimes_are_local_time_normalised_to_utc() -> None:
     record = _task(created_at=naive)
     assert record.created_at.tzinfo == timezone.utc
     assert record.created_at == naive.astimezone(timezone.utc)
+
+
+def test_missing_database_driver_is_a_registry_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A URL whose dialect exists but whose driver package is not installed used to escape as ImportError.
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pg8000(name: str, *args: object, **kwargs: object) -> object:
+        if name == "pg8000":
+            raise ModuleNotFoundError("No module named 'pg8000'", name="pg8000")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pg8000)
+    with pytest.raises(RegistryError, match="driver is not installed"):
+        open_registry("postgresql+pg8000://user@127.0.0.1:1/db")
+
+
+def test_invalid_rows_are_registry_errors_naming_the_row(engine: Engine) -> None:
+    _add(engine, _task(), _payload(0))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE task_versions SET train_config = json_set(train_config, '$.bogus', 1)"))
+        conn.execute(text("UPDATE backbones SET fingerprint = 'not-a-sha'"))
+    with Session(engine) as s:
+        with pytest.raises(RegistryError, match=r"task 'flowers' version 1 is invalid: bogus"):
+            list_tasks(s)
+        with pytest.raises(RegistryError, match=r"backbone 'vit-tiny' is invalid: fingerprint"):
+            list_backbones(s)
+
+
+def test_check_writable_refuses_a_read_only_registry(engine: Engine, url: str) -> None:
+    with Session(engine) as s:
+        check_writable(s)  # a writable registry passes, and nothing is kept
+    path = url.removeprefix("sqlite:///")
+    read_only = open_registry(f"sqlite:///file:{path}?mode=ro&uri=true")
+    try:
+        with Session(read_only) as s, pytest.raises(RegistryError, match="readonly"):
+            check_writable(s)
+    finally:
+        read_only.dispose()
+
+
+def test_transaction_turns_a_failed_commit_into_a_registry_error(engine: Engine) -> None:
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    def disk_full(_conn: object) -> None:
+        raise OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    event.listen(engine, "commit", disk_full)
+    try:
+        with pytest.raises(RegistryError, match="storing task 'flowers': database or disk is full"):
+            with transaction(engine, "storing task 'flowers'") as s:
+                add_task_version(s, _task(), _payload(0), new_version=False)
+    finally:
+        event.remove(engine, "commit", disk_full)
+    with Session(engine) as s:
+        assert list_tasks(s) == []

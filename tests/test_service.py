@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from ssf_tasks import service
 from ssf_tasks.config import TrainConfig
-from ssf_tasks.errors import DuplicateTaskError, TaskNotFoundError
+from ssf_tasks.errors import DuplicateTaskError, RegistryError, SSFTasksError, TaskNotFoundError
 from ssf_tasks.registry import open_registry
 
 CLASSES = ["airplane", "frog", "ship"]
@@ -61,3 +61,29 @@ def test_python_flow(engine, tmp_path):
 
     with pytest.raises(TaskNotFoundError, match="row 1"):
         service.predict(engine, [(images[0], "nope")], device="cpu")
+
+
+def test_read_only_registry_fails_before_training(engine, tmp_path, monkeypatch):
+    # A registry that cannot be written must be refused in the first second, not after the whole run.
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("training started on a registry that cannot store its result")
+
+    monkeypatch.setattr(service, "train_task", must_not_train)
+    read_only = open_registry(f"sqlite:///file:{tmp_path / 'registry.db'}?mode=ro&uri=true")
+    try:
+        config = TrainConfig(epochs=1, batch_size=4, input_size=64, device="cpu")
+        with pytest.raises(RegistryError, match="readonly"):
+            service.train_and_store(read_only, "a", "tr", tmp_path / "data", config)
+    finally:
+        read_only.dispose()
+    assert service.list_tasks(engine) == []
+
+
+def test_failed_export_leaves_no_partial_files(engine, tmp_path):
+    config = TrainConfig(epochs=1, batch_size=4, input_size=64, device="cpu")
+    service.train_and_store(engine, "a", "tr", tmp_path / "data", config)
+    out = tmp_path / "export"
+    (out / "config.json").mkdir(parents=True)  # config.json cannot be replaced: the export must fail as a whole
+    with pytest.raises(SSFTasksError, match="config.json"):
+        service.export_task(engine, "a", out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no model.safetensors, no temp files
