@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import click
 import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
@@ -37,7 +36,8 @@ def _one_line(error: BaseException) -> str:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return f"invalid {where}: {first['msg']}"
-    text = str(error).strip() or type(error).__name__
+    text = error.format_message() if isinstance(error, typer.TyperException) else str(error)
+    text = text.strip() or type(error).__name__
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.strerror}: {error.filename}"
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -46,9 +46,14 @@ def _one_line(error: BaseException) -> str:
 class _CleanErrors(TyperGroup):
     """The root command group; every sub-command runs inside its ``invoke``, so this is the error boundary."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except typer.TyperException as error:  # a missing option, a bad value, an unknown command
+            if os.environ.get(DEBUG_ENV) == "1" or not hasattr(error, "format_message"):
+                raise
+            typer.echo(f"error: {_one_line(error)} (see --help)", err=True)
+            raise typer.Exit(getattr(error, "exit_code", 2)) from None
         except (SSFTasksError, ValidationError, OSError, KeyboardInterrupt) as error:
             if os.environ.get(DEBUG_ENV) == "1":
                 raise

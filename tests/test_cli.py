@@ -410,3 +410,19 @@ def test_bench_without_a_gpu_is_a_clean_error():
     assert result.exit_code == 1
     assert "error: the benchmarks need a CUDA device" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "manifest.csv"], "Missing option '--out'"),
+        (["task", "list", "--bogus"], "No such option: --bogus"),
+        (["nope"], "No such command 'nope'"),
+        (["task", "eval", "x", "--data", ".", "--device", "tpu"], "Invalid value for '--device'"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["--registry", f"sqlite:///{tmp_path / 'r.db'}", *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
