@@ -115,6 +115,14 @@ def predict_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device")] = "auto",
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Labels per image (extra label_N,score_N).")] = 1,
+    compile_forward: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the mixed-task forward (default: on CUDA for 8 batches or more).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Predict a manifest mixing any registered tasks, in batches of mixed tasks through one backbone pass."""
     if task_name is not None:
@@ -124,7 +132,13 @@ def predict_command(
             raise SSFTasksError(f"{source} is a folder: pass --task NAME to predict a folder of images")
         items = read_predict_manifest(source)
     predictions = service.predict(
-        engine_of(ctx), items, batch_size=batch_size, device=device, top_k=top_k, source=str(source)
+        engine_of(ctx),
+        items,
+        batch_size=batch_size,
+        device=device,
+        top_k=top_k,
+        source=str(source),
+        compile=compile_forward,
     )
     service.write_predictions(predictions, out, top_k=top_k)
     tasks = sorted({p.task for p in predictions})

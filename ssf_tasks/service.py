@@ -61,6 +61,7 @@ from ssf_tasks.model import MultiTaskSSF
 from ssf_tasks.train import TrainProgress, TrainResult, evaluate, resolve_device, train_task
 
 __all__ = [
+    "COMPILE_MIN_BATCHES",
     "TASK_FILE_METADATA_KEY",
     "LoadedTasks",
     "Prediction",
@@ -81,6 +82,9 @@ __all__ = [
     "train_and_store",
     "write_predictions",
 ]
+
+COMPILE_MIN_BATCHES = 8
+"""``predict`` compiles automatically (on CUDA) from this many batches in one group."""
 
 TASK_FILE_METADATA_KEY = "ssf_tasks"
 """Key of the task's JSON record (a :class:`~ssf_tasks.config.TaskFile`) in a task file's safetensors metadata."""
@@ -487,6 +491,7 @@ def predict(
     device: str = "auto",
     top_k: int = 1,
     source: str = "manifest",
+    compile: bool | None = None,
 ) -> list[Prediction]:
     """Predict every ``(image, task)`` item, mixing tasks freely within each batch.
 
@@ -500,6 +505,9 @@ def predict(
         device: ``auto``, ``cpu`` or ``cuda``.
         top_k: How many labels to return per image (fewer when a task has fewer classes).
         source: How to name the items in error messages (e.g. the manifest's file name).
+        compile: Run the mixed-task forward through ``torch.compile`` (the fast path, see BENCHMARKS.md).
+            ``None`` (default) compiles on CUDA when a group holds at least :data:`COMPILE_MIN_BATCHES` batches,
+            so that the compilation (tens of seconds) pays for itself.
 
     Returns:
         One prediction per item, in input order.
@@ -531,9 +539,12 @@ def predict(
         model = loaded.models[backbone_name].to(target).eval()
         transform = loaded.transform(items[indices[0]][1])
         dataset = ImageDataset([(items[i][0], i) for i in indices], transform)
+        batches = -(-len(indices) // batch_size)
+        use_compile = compile if compile is not None else target.type == "cuda" and batches >= COMPILE_MIN_BATCHES
+        forward = _compiled_forward(model, batch_size) if use_compile else model
         for images, rows in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            tasks = [items[int(i)][1] for i in rows]
-            probs = model(images.to(target), tasks).float().softmax(dim=-1).cpu()
+            tasks = torch.tensor([model.task_index(items[int(i)][1]) for i in rows], device=target)
+            probs = forward(images.to(target), tasks).float().softmax(dim=-1).cpu()
             scores, columns = probs.topk(min(top_k, probs.shape[1]), dim=-1)
             for j, i in enumerate(rows.tolist()):
                 task = items[i][1]
@@ -546,6 +557,24 @@ def predict(
                     scores=[float(v) for v in scores[j, :k]],
                 )
     return [r for r in results if r is not None]
+
+
+def _compiled_forward(model: MultiTaskSSF, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``model(images, task_indices)`` through ``torch.compile``, every batch padded to ``batch_size``.
+
+    Padding keeps one static shape (no recompilation for the last, shorter batch); task indices are passed as a
+    tensor so that a new mix of tasks is new data, not a new graph.
+    """
+    compiled = torch.compile(model, dynamic=False)
+
+    def forward(images: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        count = images.shape[0]
+        if count < batch_size:
+            images = torch.cat([images, images.new_zeros(batch_size - count, *images.shape[1:])])
+            tasks = torch.cat([tasks, tasks.new_zeros(batch_size - count)])
+        return compiled(images, tasks)[:count]
+
+    return forward
 
 
 def write_predictions(predictions: Sequence[Prediction], out: str | os.PathLike[str], *, top_k: int = 1) -> Path:

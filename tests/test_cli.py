@@ -426,3 +426,20 @@ def test_usage_errors_are_one_line(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+def test_compiled_predict_equals_eager_predict(url, workdir, tmp_path):
+    """The fast path (torch.compile, padded fixed-size batches, task indices as data) gives the same answers."""
+    images = _test_images(workdir)
+    rows = [(p, "cifar") for p in images[:5]] + [(images[5], "cifar")]  # 6 rows: the last batch of 4 is padded
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    ok(url, "predict", manifest, "--out", tmp_path / "eager.csv", "--batch-size", "4", "--no-compile")
+    ok(url, "predict", manifest, "--out", tmp_path / "compiled.csv", "--batch-size", "4", "--compile")
+    eager, compiled = read_csv(tmp_path / "eager.csv"), read_csv(tmp_path / "compiled.csv")
+    assert [r["label"] for r in compiled] == [r["label"] for r in eager]
+    torch.testing.assert_close(
+        torch.tensor([float(r["score"]) for r in compiled]),
+        torch.tensor([float(r["score"]) for r in eager]),
+        atol=1e-5,
+        rtol=0,
+    )
