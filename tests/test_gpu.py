@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -63,3 +65,68 @@ def test_fold_on_gpu_fp32_is_exact():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     assert fold_error(model, "t5", images) <= 1e-5
+
+
+def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path):
+    """The product path on the GPU: `task add --device cuda` (bf16, fused SSF) and `predict --compile`."""
+    pytest.importorskip("sqlalchemy")
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from ssf_tasks_cli.main import app
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    for split, count in (("train", 8), ("val", 2), ("test", 4)):
+        for name, colour in colours.items():
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(colour, 40, size=(48, 48, 3)), 0, 255).astype("uint8")
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_vit").state_dict(), tmp_path / "w.safetensors")
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+
+    def ok(*args):
+        result = CliRunner().invoke(app, ["--registry", url, *map(str, args)])
+        assert result.exit_code == 0, result.output
+        return result
+
+    ok("backbone", "add", "tv", "--model", "test_vit", "--weights", tmp_path / "w.safetensors")
+    ok(
+        "task",
+        "add",
+        "colours",
+        "--backbone",
+        "tv",
+        "--data",
+        tmp_path / "data",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.02",
+        "--device",
+        "cuda",
+    )
+    manifest = tmp_path / "m.csv"
+    images = sorted((tmp_path / "data" / "test").glob("*/*.png"))
+    manifest.write_text("path,task\n" + "".join(f"{p},colours\n" for p in images))
+    for flag in ("--compile", "--no-compile"):
+        ok("predict", manifest, "--out", tmp_path / f"{flag}.csv", "--device", "cuda", "--batch-size", "5", flag)
+    import csv
+
+    compiled, eager = (list(csv.DictReader(open(tmp_path / f"{f}.csv"))) for f in ("--compile", "--no-compile"))
+    assert [r["label"] for r in compiled] == [r["label"] for r in eager]
+    assert_close(
+        torch.tensor([float(r["score"]) for r in compiled]),
+        torch.tensor([float(r["score"]) for r in eager]),
+        atol=2e-3,
+        rtol=0,
+    )
+    correct = sum(r["label"] == Path(r["path"]).parent.name for r in eager)
+    assert correct >= 10, correct  # 12 test images of 3 well-separated colours
