@@ -181,10 +181,7 @@ def read_manifest(csv_path: PathLike) -> list[tuple[Path, str]]:
         DataError: The file is missing, its header is not ``path,label``, a row is malformed or names a
             missing file (the message names the CSV, the line and the path).
     """
-    rows = _read_csv(csv_path, ("path", "label"))
-    if not rows:
-        raise DataError(f"manifest {csv_path} has no rows")
-    return [(Path(row["path"]), row["label"]) for _, row in rows]
+    return _read_pairs(csv_path, "label")
 
 
 def read_predict_manifest(csv_path: PathLike) -> list[tuple[Path, str]]:
@@ -200,10 +197,15 @@ def read_predict_manifest(csv_path: PathLike) -> list[tuple[Path, str]]:
         DataError: The file is missing, its header is not ``path,task``, or a row is malformed or names a
             missing file.
     """
-    rows = _read_csv(csv_path, ("path", "task"))
+    return _read_pairs(csv_path, "task")
+
+
+def _read_pairs(csv_path: PathLike, column: str) -> list[tuple[Path, str]]:
+    """``(path, <column>)`` for every row of a two-column manifest; an empty one is an error."""
+    rows = _read_csv(csv_path, ("path", column))
     if not rows:
         raise DataError(f"manifest {csv_path} has no rows")
-    return [(Path(row["path"]), row["task"]) for _, row in rows]
+    return [(Path(row["path"]), row[column]) for _, row in rows]
 
 
 def verify_images(paths: Iterable[Path], *, workers: int = 8) -> None:
