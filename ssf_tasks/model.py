@@ -81,7 +81,7 @@ class MultiTaskSSF(nn.Module):
     @property
     def sites(self) -> list[SSFLayer]:
         """The SSF layers, in the order of ``site_names``."""
-        return [self.backbone.get_submodule(name) for name in self.site_names]
+        return [site for _, site in self.named_sites()]
 
     def named_sites(self) -> list[tuple[str, SSFLayer]]:
         """``(name, layer)`` for every SSF site."""
