@@ -25,6 +25,7 @@ import torch._functorch.config as functorch_config
 from torch import nn
 from torch.nn import functional as F
 
+from .graphed import GraphedForward
 from .model import MultiTaskSSF
 
 __all__ = ["bench_inference", "bench_training", "bench_fold", "main"]
@@ -34,6 +35,11 @@ Row = dict[str, Any]
 
 def _timed(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
     """Median milliseconds of ``fn`` over ``repeats`` runs, timed with CUDA events after ``warmup`` runs."""
+    return statistics.median(_samples(fn, warmup=warmup, repeats=repeats))
+
+
+def _samples(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` runs of ``fn`` (CUDA events, synchronised), after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -45,7 +51,7 @@ def _timed(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
 
 
 def _print_profile(fn: Callable[[], Any], label: str = "") -> None:
@@ -101,7 +107,11 @@ def bench_inference(
     compile_mode: str | None = None,
     profile: bool = False,
 ) -> list[Row]:
-    """Throughput of the plain backbone against mixed-task SSF batches (and a per-task loop and PEFT LoRA)."""
+    """Throughput of the plain backbone against mixed-task SSF batches (and a per-task loop and PEFT LoRA).
+
+    Batches of 8 or fewer are latency-bound: they also run as whole-forward CUDA graphs (``GraphedForward``),
+    plain and ssf-tasks timed in alternation so that drifts of the machine hit both alike.
+    """
     dtype = torch.bfloat16
     rows: list[Row] = []
     plain = timm.create_model(model_name, num_classes=0).cuda().eval().to(dtype)
@@ -117,49 +127,45 @@ def bench_inference(
             images = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype, generator=generator)
             tasks = torch.randint(0, num_tasks, (batch,), device="cuda", generator=generator)
             mode = compile_mode or ("reduce-overhead" if batch <= 8 else None)
-            base = {
-                "bench": "inference",
-                "model": model_name,
-                "batch": batch,
-                "tasks": num_tasks,
-                "mode": mode or "default",
-            }
+            base = {"bench": "inference", "model": model_name, "batch": batch, "tasks": num_tasks}
+            extra = {"resident_gib": resident_gib}
 
-            def run_plain_eager():
-                return plain(images)
+            def report(variant: str, ms: float, mode_used: str | None = mode, **fields: Any) -> None:
+                _report(rows, {**base, "mode": mode_used or "default", "variant": variant, "ms": ms, **fields})
 
-            plain_ms = _timed(run_plain_eager, warmup=warmup, repeats=repeats)
+            report("plain backbone, eager", _timed(lambda: plain(images), warmup=warmup, repeats=repeats))
             compiled_plain = _compile(plain, mode)
-            reference = plain(images)
-            error = _rel_error(compiled_plain(images).clone(), reference)
-            plain_compiled_ms = _timed(lambda: compiled_plain(images), warmup=warmup, repeats=repeats)
-            _report(rows, {**base, "variant": "plain backbone, eager", "ms": plain_ms})
-            _report(rows, {**base, "variant": "plain backbone, compiled", "ms": plain_compiled_ms, "rel_err": error})
+            plain_reference = plain(images)
+            error = _rel_error(compiled_plain(images).clone(), plain_reference)
+            report(
+                "plain backbone, compiled",
+                _timed(lambda: compiled_plain(images), warmup=warmup, repeats=repeats),
+                rel_err=error,
+            )
 
             reference = model(images, tasks)
-            ssf_eager_ms = _timed(lambda: model(images, tasks), warmup=warmup, repeats=repeats)
-            _report(
-                rows, {**base, "variant": "ssf-tasks mixed, eager", "ms": ssf_eager_ms, "resident_gib": resident_gib}
+            report(
+                "ssf-tasks mixed, eager", _timed(lambda: model(images, tasks), warmup=warmup, repeats=repeats), **extra
             )
-            compiled_model = _compile(model, mode)
-            error = _rel_error(compiled_model(images, tasks).clone(), reference)
-            breaks = _graph_breaks()
-            ssf_ms = _timed(lambda: compiled_model(images, tasks), warmup=warmup, repeats=repeats)
+            for kernel in (True, False):
+                model.set_mixed_attention(kernel)
+                compiled_model = _compile(model, mode)
+                error = _rel_error(compiled_model(images, tasks).clone(), reference)
+                breaks = _graph_breaks()
+                ms = _timed(lambda: compiled_model(images, tasks), warmup=warmup, repeats=repeats)
+                if profile:
+                    _print_profile(lambda: compiled_model(images, tasks), f"ssf-tasks compiled, batch {batch}")
+                label = "ssf-tasks mixed, compiled" + ("" if kernel else ", without the attention kernel")
+                report(label, ms, rel_err=error, graph_breaks=breaks, **extra)
+            model.set_mixed_attention(True)
             if profile:
                 _print_profile(lambda: compiled_plain(images), f"plain compiled, batch {batch}")
-                _print_profile(lambda: compiled_model(images, tasks), f"ssf-tasks compiled, batch {batch}")
-            _report(
-                rows,
-                {
-                    **base,
-                    "variant": "ssf-tasks mixed, compiled",
-                    "ms": ssf_ms,
-                    "rel_err": error,
-                    "graph_breaks": breaks,
-                    "resident_gib": resident_gib,
-                },
-            )
             torch._dynamo.reset()
+
+            if batch <= 8:
+                rows_of_graphs = _graphed_latency(plain, model, images, tasks, plain_reference, reference, repeats)
+                for variant, (ms, error) in rows_of_graphs.items():
+                    report(variant, ms, "default + GraphedForward", rel_err=error)
 
             if loop and num_tasks > 1 and batch > 1:
 
@@ -172,7 +178,7 @@ def bench_inference(
 
                 error = _rel_error(run_loop(), model.forward_features(images, tasks))
                 loop_ms = _timed(run_loop, warmup=2, repeats=max(3, repeats // 4))
-                _report(rows, {**base, "variant": "loop over tasks, eager", "ms": loop_ms, "rel_err": error})
+                report("loop over tasks, eager", loop_ms, None, rel_err=error)
         model = None  # free this task count's tables before the next one is built
         torch.cuda.empty_cache()
     if peft and 64 in task_counts:
@@ -180,6 +186,29 @@ def bench_inference(
     for row in rows:
         row["img_per_s"] = row["batch"] * 1000.0 / row["ms"]
     return rows
+
+
+def _graphed_latency(plain, model, images, tasks, plain_reference, reference, repeats, rounds=10) -> dict:
+    """Plain and ssf-tasks forwards (compiled, default mode) each captured whole in a CUDA graph.
+
+    The two graphs are replayed in alternation, ``rounds`` times ``repeats`` calls each, and each time is
+    the median of all its calls: a slow spell of the machine lands on both.
+    """
+    variants = {
+        "plain backbone, compiled + CUDA graph": (plain, (images,), plain_reference),
+        "ssf-tasks mixed, compiled + CUDA graph": (model, (images, tasks), reference),
+    }
+    graphs, errors = {}, {}
+    for name, (module, inputs, expected) in variants.items():
+        torch._dynamo.reset()
+        graphs[name] = (GraphedForward(torch.compile(module), *inputs), inputs)
+        errors[name] = _rel_error(graphs[name][0](*inputs).clone(), expected)
+    samples: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, (graphed, inputs) in graphs.items():
+            samples[name] += _samples(lambda: graphed(*inputs), warmup=3, repeats=repeats)
+    torch._dynamo.reset()
+    return {name: (statistics.median(times), errors[name]) for name, times in samples.items()}
 
 
 def _bench_peft_inference(plain: nn.Module, batch_sizes, warmup, repeats) -> list[Row]:
@@ -225,6 +254,7 @@ def bench_training(
     profile: bool = False,
     only: tuple[str, ...] = (),
     memory_budgets: tuple[float, ...] = (0.5, 0.2),
+    rounds: int = 5,
 ) -> list[Row]:
     """One AdamW step (bf16 autocast): full fine-tuning, linear probe, LoRA r=8, ssf-tasks SSF."""
     rows: list[Row] = []
@@ -246,6 +276,15 @@ def bench_training(
             return head(features)
 
         return forward, list(head.parameters()), nn.ModuleList([backbone, head])
+
+    def frozen_floor():
+        # Every weight frozen but the position embedding (and the head): backward still runs through every
+        # block, as SSF's must, but computes no weight gradients and no SSF at all. No SSF step can be cheaper.
+        model = timm.create_model(model_name, num_classes=classes).cuda().train().requires_grad_(False)
+        params = [model.pos_embed, *model.get_classifier().parameters()]
+        for param in params:
+            param.requires_grad_(True)
+        return (lambda x: model(x)), params, model
 
     def lora():
         from peft import LoraConfig, get_peft_model
@@ -270,7 +309,11 @@ def bench_training(
 
         return make
 
-    variants: list[tuple[str, Callable]] = [("full fine-tuning", full_ft), ("linear probe", linear_probe)]
+    variants: list[tuple[str, Callable]] = [
+        ("full fine-tuning", full_ft),
+        ("linear probe", linear_probe),
+        ("frozen-backbone floor (backward through every block, no weight gradients, no SSF)", frozen_floor),
+    ]
     if peft:
         try:
             import peft as _  # noqa: F401
@@ -285,24 +328,28 @@ def bench_training(
     ]
     if only:
         variants = [(label, make) for label, make in variants if any(o in label for o in only)]
-    for compiled in compile_modes:
-        for label, make, budget in [(label, make, None) for label, make in variants] + (budgeted if compiled else []):
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            patch = {} if budget is None else {"activation_memory_budget": budget}
-            with functorch_config.patch(**patch):
-                row = _time_training_step(make, compiled, images, labels, classes, warmup, repeats, profile)
-            _report(
-                rows,
-                {
-                    "bench": "training",
-                    "model": model_name,
-                    "batch": batch,
-                    "compiled": compiled,
-                    "variant": label,
-                    **row,
-                },
-            )
+        budgeted = [(label, make, b) for label, make, b in budgeted if any(o in label for o in only)]
+    # Every variant is built, compiled, warmed up and measured for memory first; then all are timed in
+    # alternation (``rounds`` passes), so that a slow spell of the machine does not land on one variant only.
+    built: list[tuple[Row, Callable[[], Any]]] = []
+    with torch._dynamo.config.patch(cache_size_limit=64):
+        for compiled in compile_modes:
+            for label, make, budget in [(label, make, None) for label, make in variants] + (
+                budgeted if compiled else []
+            ):
+                patch = {} if budget is None else {"activation_memory_budget": budget}
+                with functorch_config.patch(**patch):
+                    step, peak = _build_training_step(make, compiled, images, labels, classes, warmup)
+                if profile:
+                    _print_profile(step, label)
+                row = {"bench": "training", "model": model_name, "batch": batch, "compiled": compiled, "variant": label}
+                built.append(({**row, "peak_gib": peak}, step))
+        samples: list[list[float]] = [[] for _ in built]
+        for _ in range(rounds):
+            for times, (_, step) in zip(samples, built, strict=True):
+                times += _samples(step, warmup=1, repeats=max(1, repeats // rounds))
+    for times, (row, _) in zip(samples, built, strict=True):
+        _report(rows, {**row, "ms": statistics.median(times)})
     for compiled in compile_modes:
         group = [r for r in rows if r["compiled"] == compiled]
         full = next((r for r in group if r["variant"] == "full fine-tuning"), None)
@@ -312,9 +359,11 @@ def bench_training(
     return rows
 
 
-def _time_training_step(make, compiled, images, labels, classes, warmup, repeats, profile=False) -> Row:
-    """Build one variant, time its AdamW step and read its peak memory; everything is freed on return."""
-    forward, params, _holder = make()
+def _build_training_step(make, compiled, images, labels, classes, warmup) -> tuple[Callable[[], Any], float]:
+    """Build one variant's AdamW step, warm it up (compiling it) and measure its own peak memory in GiB."""
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()  # the variants built before this one stay alive
+    forward, params, _holder = make()  # the forward's closure keeps the variant's modules alive
     if compiled:
         forward = torch.compile(forward, dynamic=False)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
@@ -332,11 +381,10 @@ def _time_training_step(make, compiled, images, labels, classes, warmup, repeats
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    ms = _timed(step, warmup=0, repeats=repeats)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    if profile:
-        _print_profile(step)
-    return {"ms": ms, "peak_gib": peak}
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return step, (torch.cuda.max_memory_allocated() - baseline) / 2**30
 
 
 @torch.inference_mode()

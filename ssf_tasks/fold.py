@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import FoldError
+from .mixed_attention import restore_timm_attention
 
 if TYPE_CHECKING:
     from .model import MultiTaskSSF
@@ -35,6 +36,7 @@ def fold_task(model: MultiTaskSSF, name: str) -> nn.Module:
     sites = model.named_sites()
     skip_tables = {id(p): None for _, s in sites for p in (s.ssf_scale, s.ssf_shift) if p is not None}
     folded = copy.deepcopy(model.backbone, memo=skip_tables)
+    restore_timm_attention(folded)
     with torch.no_grad():
         for site_name, site in sites:
             base = folded.get_submodule(site_name).base_layer

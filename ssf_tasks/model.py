@@ -22,6 +22,7 @@ from .errors import (
     StateDictMismatchError,
     TaskNotFoundError,
 )
+from .mixed_attention import MixedTaskAttention, adopt_mixed_attention
 from .sites import find_sites
 from .ssf import SSFLayer, TaskRouting
 
@@ -67,6 +68,7 @@ class MultiTaskSSF(nn.Module):
         for spec in find_sites(backbone, include, exclude):
             backbone.set_submodule(spec.name, SSFLayer(spec.module, spec.rule, self.routing))
             self.site_names.append(spec.name)
+        adopt_mixed_attention(backbone)
         weight = next(iter(backbone.parameters()))
         self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         factory = {"dtype": torch.float32, "device": weight.device}
@@ -119,6 +121,12 @@ class MultiTaskSSF(nn.Module):
         """Fused single-task SSF (``SSFLayer._fast_forward``): None = on CUDA only (default); True/False force it."""
         for site in self.sites:
             site.fast_path = enabled
+
+    def set_mixed_attention(self, enabled: bool) -> None:
+        """The fused mixed-batch attention kernel (``ssf_tasks.mixed_attention``) on or off (on by default)."""
+        for module in self.backbone.modules():
+            if isinstance(module, MixedTaskAttention):
+                module.fused_mixed = enabled
 
     def train(self, mode: bool = True) -> MultiTaskSSF:
         """Switch heads/SSF to training; the frozen backbone stays in eval mode (BatchNorm statistics fixed)."""
@@ -302,13 +310,9 @@ class MultiTaskSSF(nn.Module):
                 raise BatchMismatchError(f"got {tuple(tasks.shape)} task indices for a batch of {batch}")
             if tasks.dtype != torch.long:
                 raise BatchMismatchError(f"task indices must be a LongTensor, got {tasks.dtype}")
-            if not torch.compiler.is_compiling() and tasks.numel():
-                # Checked eagerly (one sync): an out-of-range index on CUDA would be a device-side assert.
-                low, high = int(tasks.min()), int(tasks.max())
-                if low < 0 or high >= len(self.task_names):
-                    raise TaskNotFoundError(
-                        f"task index {low if low < 0 else high} is out of range for {len(self.task_names)} tasks"
-                    )
+            capturing = tasks.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not torch.compiler.is_compiling() and not capturing:
+                self.check_task_indices(tasks)
             return tasks.to(self.class_counts.device)
         names = list(tasks)
         if len(names) != batch:
@@ -318,6 +322,19 @@ class MultiTaskSSF(nn.Module):
             return self.task_index(names[0])
         lookup = {n: self.task_index(n) for n in unique}
         return torch.tensor([lookup[n] for n in names], dtype=torch.long, device=self.class_counts.device)
+
+    def check_task_indices(self, tasks: torch.Tensor) -> None:
+        """Raise ``TaskNotFoundError`` for an index outside ``[0, num_tasks)``.
+
+        One host sync; ``forward`` runs it except while compiling or capturing a CUDA graph, where the caller
+        checks instead (an out-of-range index on CUDA would be a device-side assert or a wild read).
+        """
+        if tasks.numel():
+            low, high = int(tasks.min()), int(tasks.max())
+            if low < 0 or high >= len(self.task_names):
+                raise TaskNotFoundError(
+                    f"task index {low if low < 0 else high} is out of range for {len(self.task_names)} tasks"
+                )
 
     def _backbone_features(self, images: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
         self.routing.index = index

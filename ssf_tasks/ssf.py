@@ -109,9 +109,10 @@ class SSFLayer(nn.Module):
 
         * LayerNorm: γ/β are folded into the norm's affine on the fly (``w·γ``, ``b·γ + β``); the norm's own
           backward then yields their gradients from what it saves anyway.
-        * Linear / patchify Conv2d: the frozen op needs no saved input; the SSF output is saved instead and the pre-SSF
-          value is recomputed from it in backward as ``z = (y - β) / γ``. That output is usually saved by the next
-          op anyway (GELU, attention), so it costs no memory, unlike ``x * γ + β``, which keeps its own input.
+        * Linear / patchify Conv2d: γ/β are folded into the op's weight and bias on the fly (``_FrozenOpSSF``), so
+          forward is the op alone. The frozen op needs no saved input; its output is saved instead, and γ's
+          gradient is computed from it (``z = (y - β) / γ``). That output is usually saved by the next op anyway
+          (GELU, attention), so it costs no memory, unlike ``x * γ + β``, which keeps its own input.
         """
         base = self.base_layer
         scale = self.ssf_scale[index]
@@ -160,41 +161,51 @@ def _conv_args(base: nn.Module) -> tuple | None:
 
 
 class _FrozenOpSSF(torch.autograd.Function):
-    """``y = γ ⊙ op(x) + β`` for a frozen Linear/Conv2d, saving ``y`` (not ``x``, not ``op(x)``)."""
+    """``y = γ ⊙ op(x) + β`` for a frozen Linear/Conv2d as one op with ``γ`` folded into its weight.
+
+    Forward runs the op once with ``W' = γ ⊙ W`` and ``b' = γ ⊙ b + β`` (no elementwise pass). Backward needs
+    only ``y`` (saved) and ``dy``: ``dx = op_input_grad(dy, W')``, ``dβ = Σ dy`` and, with ``z = (y - β) / γ``,
+    ``dγ = Σ dy ⊙ z = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``: two column sums, no tensor of the activation's size.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, kind, conv_args):
+        folded_bias = None
+        if bias is not None:
+            folded_bias = bias * scale.to(bias.dtype) + (shift.to(bias.dtype) if shift is not None else 0.0)
         if kind == "linear":
-            z = F.linear(x, weight, bias)
-            view = (-1,)
+            y = F.linear(x, _fold_rows(weight, scale), folded_bias)
         else:
             stride, padding, dilation, groups = conv_args
-            z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-            view = (-1, 1, 1)
-        s = scale.to(z.dtype).view(view)
-        y = z * s if shift is None else torch.addcmul(shift.to(z.dtype).view(view), z, s)
-        ctx.kind, ctx.conv_args, ctx.view, ctx.x_shape = kind, conv_args, view, x.shape
+            y = F.conv2d(x, _fold_rows(weight, scale), folded_bias, stride, padding, dilation, groups)
+        ctx.kind, ctx.conv_args, ctx.x_shape = kind, conv_args, x.shape
         ctx.has_shift = shift is not None
+        # The folded weight is recomputed in backward: saving it would keep a copy of every frozen weight.
         ctx.save_for_backward(y, weight, scale, shift if shift is not None else scale)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         y, weight, scale, shift = ctx.saved_tensors
-        view = ctx.view
-        s = scale.to(y.dtype).view(view)
-        z = (y - shift.to(y.dtype).view(view)) / s if ctx.has_shift else y / s
         channel = y.ndim - 1 if ctx.kind == "linear" else 1
         dims = [d for d in range(y.ndim) if d != channel]
-        grad_scale = (dy * z).sum(dims, dtype=torch.float32).to(scale.dtype)
-        grad_shift = dy.sum(dims, dtype=torch.float32).to(scale.dtype) if ctx.has_shift else None
+        sum_dy = dy.sum(dims, dtype=torch.float32)
+        sum_dy_y = (dy * y).sum(dims, dtype=torch.float32)
+        if ctx.has_shift:
+            sum_dy_y = sum_dy_y - shift.float() * sum_dy
+        grad_scale = (sum_dy_y / scale.float()).to(scale.dtype)
+        grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            dz = dy * s
-            w = weight.to(dz.dtype)
+            w = _fold_rows(weight, scale).to(dy.dtype)
             if ctx.kind == "linear":
-                grad_x = dz @ w
+                grad_x = dy @ w
             else:
                 stride, padding, dilation, groups = ctx.conv_args
-                grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dz, stride, padding, dilation, groups)
+                grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation, groups)
         return grad_x, None, None, grad_scale, grad_shift, None, None
+
+
+def _fold_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``γ ⊙ W`` along the output channels (rows of a Linear weight, filters of a conv)."""
+    return weight * scale.to(weight.dtype).view(-1, *([1] * (weight.ndim - 1)))

@@ -105,3 +105,20 @@ def test_real_vit_tiny_imagenet_head_reproduces_backbone_predictions(assets):
     assert torch.equal(got.argmax(1), expected.argmax(1))
     top1 = (got.argmax(1) == labels).float().mean().item()
     assert top1 >= 0.75, top1
+
+
+def test_vit_attention_takes_the_mixed_kernel_class_and_the_fold_gives_timm_back():
+    from timm.layers.attention import Attention
+
+    from ssf_tasks.mixed_attention import MixedTaskAttention
+
+    backbone = timm.create_model("test_vit", num_classes=0)
+    keys = set(backbone.state_dict())
+    model = MultiTaskSSF(backbone)
+    model.add_task("a", 3)
+    adopted = [m for m in model.backbone.modules() if type(m) is MixedTaskAttention]
+    assert len(adopted) == len(model.backbone.blocks) and all(isinstance(m, Attention) for m in adopted)
+    folded = model.fold("a")
+    assert not any(type(m) is MixedTaskAttention for m in folded.modules())
+    assert sum(type(m) is Attention for m in folded.modules()) == len(adopted)
+    assert set(folded.state_dict()) == keys | {"head.weight", "head.bias"}

@@ -130,3 +130,53 @@ def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path):
     )
     correct = sum(r["label"] == Path(r["path"]).parent.name for r in eager)
     assert correct >= 10, correct  # 12 test images of 3 well-separated colours
+
+
+@pytest.mark.parametrize(("tokens", "heads", "head_dim"), [(197, 6, 64), (50, 4, 32), (17, 2, 128)])
+def test_mixed_attention_kernel_matches_ssf_then_attention(tokens, heads, head_dim):
+    from ssf_tasks.mixed_attention import mixed_ssf_attention, mixed_ssf_attention_reference
+
+    torch.manual_seed(tokens)
+    width = 3 * heads * head_dim
+    qkv = torch.randn(5, tokens, width, device="cuda", dtype=torch.bfloat16)
+    scale = 1 + 0.3 * torch.randn(7, width, device="cuda")
+    shift = torch.randn(7, width, device="cuda")  # large shifts: the k shift must cancel, the v shift carry over
+    tasks = torch.tensor([6, 0, 3, 3, 1], device="cuda")
+    expected = mixed_ssf_attention_reference(qkv.double(), scale.double(), shift.double(), tasks, heads)
+    result = mixed_ssf_attention(qkv, scale.to(torch.bfloat16), shift.to(torch.bfloat16), tasks, heads)
+    assert result.shape == expected.shape and torch.isfinite(result).all()
+    error = (result.double() - expected).norm() / expected.norm()
+    assert error < 1e-2, error
+
+
+def test_mixed_batch_uses_the_attention_kernel_and_matches_timm_attention():
+    model = _model().to(torch.bfloat16)
+    images = torch.randn(6, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    tasks = torch.tensor([0, 5, 5, 2, 7, 1], device="cuda")
+    with torch.inference_mode():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            fused = model(images, tasks)
+            torch.cuda.synchronize()
+        model.set_mixed_attention(False)
+        reference = model(images, tasks)
+    assert any("mixed_ssf_attention" in event.name for event in profile.events())
+    finite = torch.isfinite(reference)
+    assert torch.equal(finite, torch.isfinite(fused))
+    error = (fused[finite].float() - reference[finite].float()).abs().max() / reference[finite].float().abs().max()
+    assert error < 2e-2, error
+
+
+def test_graphed_forward_replays_new_inputs_and_checks_them():
+    from ssf_tasks import BatchMismatchError, GraphedForward, TaskNotFoundError
+
+    model = _model().to(torch.bfloat16)
+    images = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    tasks = torch.tensor([1, 1, 4, 0], device="cuda")
+    with torch.inference_mode():
+        graphed = GraphedForward(model, images, tasks, validate=lambda _, t: model.check_task_indices(t))
+        new_images, new_tasks = torch.randn_like(images), torch.tensor([7, 2, 2, 3], device="cuda")
+        assert_close(graphed(new_images, new_tasks).clone(), model(new_images, new_tasks), rtol=0, atol=0)
+        with pytest.raises(BatchMismatchError, match="captured for inputs of shape"):
+            graphed(images[:2], tasks[:2])
+        with pytest.raises(TaskNotFoundError, match="task index 8 is out of range for 8 tasks"):
+            graphed(images, torch.tensor([0, 8, 1, 1], device="cuda"))

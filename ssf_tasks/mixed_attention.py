@@ -1,0 +1,253 @@
+"""Attention that applies each sample's qkv SSF while it loads q/k/v (one Triton kernel, CUDA only).
+
+Why: in a compiled mixed-task forward, inductor fuses the per-sample SSF of almost every site into a
+neighbouring kernel (a norm, GELU, a residual add). The ``qkv`` projection is the exception: its output goes
+straight into the attention kernel, so its SSF would be one extra read and write of a ``[B, N, 3D]`` tensor
+in every block, about 8% of ViT-B's forward at batch 256. This kernel reads the raw ``qkv`` output instead
+and needs the SSF only on q and on its own output, by two identities of softmax attention (per sample and
+head, with ``q = γq⊙q' + βq``, ``k = γk⊙k' + βk``, ``v = γv⊙v' + βv``):
+
+* ``q·k_j = (γk⊙q)·k'_j + q·βk``; the last term is the same for every key ``j``, so it cancels in the softmax:
+  the keys are used raw and q is scaled by ``γk`` once more.
+* the softmax weights of a query sum to 1, so ``Σ_j p_j v_j = γv ⊙ Σ_j p_j v'_j + βv``: the values are used
+  raw and the affine is applied to the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.layers.attention import Attention as TimmAttention
+from torch import nn
+
+__all__ = [
+    "MixedTaskAttention",
+    "adopt_mixed_attention",
+    "mixed_attention_available",
+    "mixed_ssf_attention",
+    "mixed_ssf_attention_reference",
+    "restore_timm_attention",
+]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the kernel is simply not available
+    triton = None
+
+
+def mixed_attention_available(x: torch.Tensor) -> bool:
+    """The kernel runs on CUDA half/bfloat16 tensors when Triton is installed."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def mixed_ssf_attention_reference(
+    qkv: torch.Tensor, scale_table: torch.Tensor, shift_table: torch.Tensor, task_rows: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """SSF on the raw ``qkv`` ``[B, N, 3·H·d]`` output, then softmax attention: ``[B, N, H·d]`` (the reference)."""
+    batch, tokens, width = qkv.shape
+    qkv = qkv * scale_table[task_rows].unsqueeze(1).to(qkv.dtype) + shift_table[task_rows].unsqueeze(1).to(qkv.dtype)
+    q, k, v = qkv.reshape(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, tokens, width // 3)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend(
+        acc, l_i, m_i, q, base, start_n, tokens, width, k_cols, v_cols, BLOCK_N: tl.constexpr, MASKED: tl.constexpr
+    ):
+        """One block of keys/values, online softmax in base 2 (the running max, sum and output)."""
+        keys = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            key_mask = keys < tokens
+            k = tl.load(base + keys[:, None] * width + k_cols[None, :], mask=key_mask[:, None], other=0.0)
+            v = tl.load(base + keys[:, None] * width + v_cols[None, :], mask=key_mask[:, None], other=0.0)
+            s = tl.where(key_mask[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        else:
+            k = tl.load(base + keys[:, None] * width + k_cols[None, :])
+            v = tl.load(base + keys[:, None] * width + v_cols[None, :])
+            s = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _mixed_ssf_attention_kernel(
+        qkv_ptr,
+        scale_ptr,
+        shift_ptr,
+        task_ptr,
+        out_ptr,
+        tokens,
+        stride_table,
+        qk_scale,
+        HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        start_m = tl.program_id(0)
+        sample_head = tl.program_id(1)
+        sample = sample_head // HEADS
+        head = sample_head % HEADS
+        width = 3 * HEADS * HEAD_DIM
+        task = tl.load(task_ptr + sample)
+
+        # Per-channel SSF of this sample and head: q gets γq·γk (and the softmax scale, in base 2), plus βq·γk.
+        dims = tl.arange(0, HEAD_DIM)
+        q_cols = head * HEAD_DIM + dims
+        k_cols = q_cols + HEADS * HEAD_DIM
+        v_cols = k_cols + HEADS * HEAD_DIM
+        table = scale_ptr + task * stride_table
+        gamma_k = tl.load(table + k_cols).to(tl.float32)
+        q_mul = tl.load(table + q_cols).to(tl.float32) * gamma_k * qk_scale
+        q_add = tl.load(shift_ptr + task * stride_table + q_cols).to(tl.float32) * gamma_k * qk_scale
+        v_mul = tl.load(table + v_cols).to(tl.float32)
+        v_add = tl.load(shift_ptr + task * stride_table + v_cols).to(tl.float32)
+
+        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        base = qkv_ptr + sample.to(tl.int64) * tokens * width
+        q = tl.load(base + rows[:, None] * width + q_cols[None, :], mask=rows[:, None] < tokens, other=0.0)
+        q = (q.to(tl.float32) * q_mul[None, :] + q_add[None, :]).to(qkv_ptr.dtype.element_ty)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        # Whole key blocks first, without masks; then the partial last block, if any.
+        full_end = (tokens // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, base, start_n, tokens, width, k_cols, v_cols, BLOCK_N, False)
+        if full_end < tokens:
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, base, full_end, tokens, width, k_cols, v_cols, BLOCK_N, True)
+
+        out = (acc / l_i[:, None]) * v_mul[None, :] + v_add[None, :]
+        out_base = out_ptr + sample.to(tl.int64) * tokens * (HEADS * HEAD_DIM)
+        out_ptrs = out_base + rows[:, None] * (HEADS * HEAD_DIM) + q_cols[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < tokens)
+
+
+# Chosen on an H100 for ViT-B (197 tokens, 12 heads of 64); see BENCHMARKS.md.
+_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+
+
+def _launch(qkv, scale_table, shift_table, task_rows, out, num_heads, config) -> None:
+    batch, tokens, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    grid = (triton.cdiv(tokens, config["BLOCK_M"]), batch * num_heads)
+    _mixed_ssf_attention_kernel[grid](
+        qkv,
+        scale_table,
+        shift_table,
+        task_rows,
+        out,
+        tokens,
+        scale_table.stride(0),
+        head_dim**-0.5 * math.log2(math.e),
+        HEADS=num_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"],
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+
+
+@torch.library.custom_op("ssf_tasks::mixed_ssf_attention", mutates_args=())
+def _mixed_ssf_attention_op(
+    qkv: torch.Tensor, scale_table: torch.Tensor, shift_table: torch.Tensor, task_rows: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    qkv = qkv.contiguous()
+    out = torch.empty(*qkv.shape[:2], qkv.shape[2] // 3, device=qkv.device, dtype=qkv.dtype)
+    _launch(qkv, scale_table.contiguous(), shift_table.contiguous(), task_rows, out, num_heads, _CONFIG)
+    return out
+
+
+@_mixed_ssf_attention_op.register_fake
+def _(qkv, scale_table, shift_table, task_rows, num_heads):
+    return qkv.new_empty(*qkv.shape[:2], qkv.shape[2] // 3)
+
+
+def mixed_ssf_attention(
+    qkv: torch.Tensor, scale_table: torch.Tensor, shift_table: torch.Tensor, task_rows: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """Softmax attention over the raw ``qkv`` output with each sample's qkv SSF applied (see the module doc).
+
+    Args:
+        qkv: ``[B, N, 3·H·d]``, the qkv Linear's output before SSF (bias included).
+        scale_table, shift_table: the qkv site's ``[T, 3·H·d]`` tables.
+        task_rows: LongTensor ``[B]``: each sample's row in the tables.
+        num_heads: ``H``.
+
+    Returns:
+        ``[B, N, H·d]``: the heads' outputs side by side, ready for the output projection.
+    """
+    return _mixed_ssf_attention_op(qkv, scale_table, shift_table, task_rows, num_heads)
+
+
+# ----------------------------------------------------------------------------------------------- the module
+class MixedTaskAttention(TimmAttention):
+    """timm's ``Attention`` whose mixed-batch inference on CUDA runs :func:`mixed_ssf_attention`.
+
+    ``MultiTaskSSF`` gives this class to every eligible attention module of the backbone (see
+    :func:`adopt_mixed_attention`); parameters, keys and every other case (training, one task per batch, the
+    CPU, masks) stay timm's own ``forward``. ``fused_mixed = False`` turns the kernel off (benchmarks, tests).
+    """
+
+    fused_mixed: bool = True
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        site = self.qkv
+        index = site.routing.index
+        if (
+            self.fused_mixed
+            and attn_mask is None
+            and not is_causal
+            and isinstance(index, torch.Tensor)
+            and index.shape[0] == x.shape[0]
+            and not torch.is_grad_enabled()
+            and mixed_attention_available(x)
+        ):
+            out = mixed_ssf_attention(site.base_layer(x), site.ssf_scale, site.ssf_shift, index, self.num_heads)
+            return self.proj_drop(self.proj(out))
+        return super().forward(x, attn_mask, is_causal)
+
+
+def adopt_mixed_attention(backbone: nn.Module) -> int:
+    """Switch eligible attention modules to :class:`MixedTaskAttention`; returns how many.
+
+    Eligible: exactly timm's ``Attention`` with its ``qkv`` already an SSF site with a shift, no q/k or output
+    norm, no gate, and a head size the kernel takes. Only the class changes, so nothing else can tell.
+    """
+    from .ssf import SSFLayer
+
+    count = 0
+    for module in backbone.modules():
+        qkv = getattr(module, "qkv", None)
+        if (
+            type(module) is TimmAttention
+            and isinstance(qkv, SSFLayer)
+            and type(qkv.base_layer) is nn.Linear
+            and qkv.ssf_shift is not None
+            and isinstance(module.q_norm, nn.Identity)
+            and isinstance(module.k_norm, nn.Identity)
+            and isinstance(module.norm, nn.Identity)
+            and getattr(module, "gate", None) is None
+            and module.head_dim in (16, 32, 64, 128)
+            and module.attn_dim * 3 == qkv.channels
+        ):
+            module.__class__ = MixedTaskAttention
+            count += 1
+    return count
+
+
+def restore_timm_attention(model: nn.Module) -> None:
+    """Give every :class:`MixedTaskAttention` back timm's class (the folded, exported model is plain timm)."""
+    for module in model.modules():
+        if type(module) is MixedTaskAttention:
+            module.__class__ = TimmAttention
