@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compiled-only", action="store_true", help="training: skip eager")
     parser.add_argument("--mode", default=None, help="inference: torch.compile mode for every batch size")
     parser.add_argument("--batches", type=int, nargs="*", default=[256, 8, 1], help="inference batch sizes")
+    parser.add_argument("--tasks", type=int, nargs="*", default=[1, 1000, 10000], help="scale: tasks resident")
     parser.add_argument("--no-loop", action="store_true", help="inference: skip the loop-over-tasks baseline")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_inference(
                 args.model,
                 batch_sizes=(256,),
-                task_counts=(1, 1000, 10000),
+                task_counts=tuple(args.tasks),
                 peft=False,
                 loop=False,
                 repeats=args.repeats,

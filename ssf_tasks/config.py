@@ -100,9 +100,7 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(default=True, description="bf16 autocast on GPU; ignored on CPU.")
     init_from: str | None = Field(default=None, description="Task whose γ/β start this run.")
-    patience: int | None = Field(
-        default=None, ge=1, description="Epochs without improvement before stopping."
-    )
+    patience: int | None = Field(default=None, ge=1, description="Epochs without improvement before stopping.")
     num_workers: int = Field(default=0, ge=0)
     sigma: float = Field(default=0.02, ge=0, description="Init std of γ (around 1) and β (around 0).")
 

@@ -242,6 +242,10 @@ def adopt_mixed_attention(backbone: nn.Module) -> int:
             and module.attn_dim * 3 == qkv.channels
         ):
             module.__class__ = MixedTaskAttention
+            if isinstance(module.proj, SSFLayer):
+                # Attention keeps its output for its own backward: the fused training path of ``proj`` keeps
+                # that (its input) too, rather than its own output, which nothing else keeps.
+                module.proj.keep_input = True
             count += 1
     return count
 

@@ -310,8 +310,8 @@ class MultiTaskSSF(nn.Module):
                 raise BatchMismatchError(f"got {tuple(tasks.shape)} task indices for a batch of {batch}")
             if tasks.dtype != torch.long:
                 raise BatchMismatchError(f"task indices must be a LongTensor, got {tasks.dtype}")
-            capturing = tasks.is_cuda and torch.cuda.is_current_stream_capturing()
-            if not torch.compiler.is_compiling() and not capturing:
+            # Not while compiling (a host sync would break the graph) or capturing a CUDA graph (not allowed).
+            if not torch.compiler.is_compiling() and not (tasks.is_cuda and torch.cuda.is_current_stream_capturing()):
                 self.check_task_indices(tasks)
             return tasks.to(self.class_counts.device)
         names = list(tasks)

@@ -52,6 +52,9 @@ class SSFLayer(nn.Module):
         self._norm_forward = rule.norm_forward
         self.routing = routing
         self.fast_path: bool | None = FAST_PATH_AUTO
+        # Fused path: keep the op's input rather than its output for backward. Worth it where the input is
+        # kept anyway by the op before (attention keeps its output, the input of ``proj``) and the output is not.
+        self.keep_input = False
         self._fast_kind = _fast_kind(base_layer, rule)
         weight = base_layer.weight
         self.channels = int(weight.shape[0])
@@ -120,7 +123,8 @@ class SSFLayer(nn.Module):
         if self._fast_kind == "layer_norm":
             bias = base.bias * scale + shift if shift is not None else None
             return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
-        return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, self._fast_kind, _conv_args(base))
+        kind = (self._fast_kind, self.keep_input)
+        return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, kind, _conv_args(base))
 
 
 def _fast_kind(base: nn.Module, rule: SiteRule) -> str | None:
@@ -164,46 +168,63 @@ class _FrozenOpSSF(torch.autograd.Function):
     """``y = γ ⊙ op(x) + β`` for a frozen Linear/Conv2d as one op with ``γ`` folded into its weight.
 
     Forward runs the op once with ``W' = γ ⊙ W`` and ``b' = γ ⊙ b + β`` (no elementwise pass). Backward needs
-    only ``y`` (saved) and ``dy``: ``dx = op_input_grad(dy, W')``, ``dβ = Σ dy`` and, with ``z = (y - β) / γ``,
-    ``dγ = Σ dy ⊙ z = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``: two column sums, no tensor of the activation's size.
+    ``dy`` and one saved tensor: ``dx = op_input_grad(dy, W')``, ``dβ = Σ dy`` and ``dγ = Σ dy ⊙ z`` with the
+    pre-SSF output ``z``, which is either recomputed from the saved input (``z = op(x)``, one more GEMM) or
+    read off the saved output (``z = (y - β) / γ``, so ``dγ = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``: two column sums).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, kind, conv_args):
+        op, keep_input = kind
         folded_bias = None
         if bias is not None:
             folded_bias = bias * scale.to(bias.dtype) + (shift.to(bias.dtype) if shift is not None else 0.0)
-        if kind == "linear":
-            y = F.linear(x, _fold_rows(weight, scale), folded_bias)
-        else:
-            stride, padding, dilation, groups = conv_args
-            y = F.conv2d(x, _fold_rows(weight, scale), folded_bias, stride, padding, dilation, groups)
-        ctx.kind, ctx.conv_args, ctx.x_shape = kind, conv_args, x.shape
-        ctx.has_shift = shift is not None
+        y = _run_op(op, conv_args, x, _fold_rows(weight, scale), folded_bias)
+        ctx.op, ctx.keep_input, ctx.conv_args, ctx.x_shape = op, keep_input, conv_args, x.shape
+        ctx.has_shift, ctx.has_bias = shift is not None, bias is not None
         # The folded weight is recomputed in backward: saving it would keep a copy of every frozen weight.
-        ctx.save_for_backward(y, weight, scale, shift if shift is not None else scale)
+        missing = scale  # save_for_backward takes tensors only
+        ctx.save_for_backward(
+            x if keep_input else y,
+            weight,
+            bias if bias is not None else missing,
+            scale,
+            shift if shift is not None else missing,
+        )
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        y, weight, scale, shift = ctx.saved_tensors
-        channel = y.ndim - 1 if ctx.kind == "linear" else 1
-        dims = [d for d in range(y.ndim) if d != channel]
+        kept, weight, bias, scale, shift = ctx.saved_tensors
+        channel = dy.ndim - 1 if ctx.op == "linear" else 1
+        dims = [d for d in range(dy.ndim) if d != channel]
         sum_dy = dy.sum(dims, dtype=torch.float32)
-        sum_dy_y = (dy * y).sum(dims, dtype=torch.float32)
-        if ctx.has_shift:
-            sum_dy_y = sum_dy_y - shift.float() * sum_dy
-        grad_scale = (sum_dy_y / scale.float()).to(scale.dtype)
-        grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift else None
+        if ctx.keep_input:
+            z_bias = bias.to(kept.dtype) if ctx.has_bias else None
+            z = _run_op(ctx.op, ctx.conv_args, kept, weight.to(kept.dtype), z_bias)
+            grad_scale = (dy * z).sum(dims, dtype=torch.float32)
+        else:
+            sum_dy_y = (dy * kept).sum(dims, dtype=torch.float32)
+            if ctx.has_shift:
+                sum_dy_y = sum_dy_y - shift.float() * sum_dy
+            grad_scale = sum_dy_y / scale.float()
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = _fold_rows(weight, scale).to(dy.dtype)
-            if ctx.kind == "linear":
+            if ctx.op == "linear":
                 grad_x = dy @ w
             else:
                 stride, padding, dilation, groups = ctx.conv_args
                 grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation, groups)
-        return grad_x, None, None, grad_scale, grad_shift, None, None
+        grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift else None
+        return grad_x, None, None, grad_scale.to(scale.dtype), grad_shift, None, None
+
+
+def _run_op(op: str, conv_args: tuple | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    if op == "linear":
+        return F.linear(x, weight, bias)
+    stride, padding, dilation, groups = conv_args
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _fold_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

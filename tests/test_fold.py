@@ -118,6 +118,7 @@ def test_vit_attention_takes_the_mixed_kernel_class_and_the_fold_gives_timm_back
     model.add_task("a", 3)
     adopted = [m for m in model.backbone.modules() if type(m) is MixedTaskAttention]
     assert len(adopted) == len(model.backbone.blocks) and all(isinstance(m, Attention) for m in adopted)
+    assert all(m.proj.keep_input and not m.qkv.keep_input for m in adopted)
     folded = model.fold("a")
     assert not any(type(m) is MixedTaskAttention for m in folded.modules())
     assert sum(type(m) is Attention for m in folded.modules()) == len(adopted)

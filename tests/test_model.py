@@ -241,13 +241,20 @@ def test_backbone_errors():
         MultiTaskSSF(NoSites())
 
 
+@pytest.mark.parametrize("keep_input", [None, True, False])
 @pytest.mark.parametrize("family", ["vit", "convnext", "resnet", "swin"])
-def test_fast_path_matches_eager_outputs_and_gradients(family):
-    """The fused single-task path (used on GPU) computes the same values and gradients as the eager path."""
+def test_fast_path_matches_eager_outputs_and_gradients(family, keep_input):
+    """The fused single-task path (used on GPU) computes the same values and gradients as the eager path.
+
+    ``keep_input``: None keeps each site's own choice (ViT's ``proj`` keeps its input); True/False force
+    every site to recompute ``z`` from its input, or to read it off its output.
+    """
     results = {}
     for fast in (False, True):
         model = _model_with_tasks(family, sigma=0.2)
         model.set_fast_path(fast)
+        for site in model.sites if keep_input is not None else ():
+            site.keep_input = keep_input
         images = make_images(family).requires_grad_(True)
         model.train()
         logits = model(images, "a")[:, :5]
@@ -263,3 +270,15 @@ def test_fast_path_matches_eager_outputs_and_gradients(family):
     for key in eager[2]:
         assert_close(fast[2][key], eager[2][key], rtol=1e-4, atol=1e-6, msg=key)
     assert_close(fast[3], eager[3], rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_forward_traces_without_graph_breaks():
+    """The task-index check (a host sync) is skipped while compiling: one graph, as CUDA graphs need."""
+    model = _model_with_tasks("vit")
+    images = make_images("vit")
+    tasks = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(model)(images, tasks)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -1,0 +1,88 @@
+"""Micro-benchmark of the mixed-batch attention kernel (ssf_tasks.mixed_attention) against SDPA.
+
+One ViT-B attention at batch 256: SDPA on raw q/k/v (what the plain backbone runs), the qkv SSF as its own
+pass followed by SDPA (what the compiled mixed forward runs without the kernel), and the Triton kernel at several
+tile shapes, each checked against an fp32 reference. Needs a CUDA GPU and Triton.
+Results: examples/bench_results/attention_kernel_h100.txt.
+
+    PYTHONPATH=. python examples/bench_attention_kernel.py
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.nn import functional as F
+from triton.testing import do_bench
+
+from ssf_tasks import mixed_attention
+
+TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (128, 32, 4, 3),
+    (128, 32, 4, 4),
+    (128, 32, 4, 2),
+    (128, 32, 8, 3),
+    (128, 64, 4, 3),
+    (128, 64, 4, 4),
+    (128, 64, 8, 3),
+    (64, 32, 4, 3),
+    (64, 64, 4, 3),
+    (64, 64, 4, 4),
+    (64, 32, 4, 4),
+    (128, 16, 4, 3),
+    (64, 128, 4, 3),
+    (64, 128, 4, 2),
+    (128, 128, 4, 2),
+    (32, 64, 2, 3),
+    (64, 64, 8, 3),
+]
+
+
+def main(batch: int = 256, tokens: int = 197, heads: int = 12, head_dim: int = 64, tasks: int = 64) -> None:
+    print("triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
+    width = 3 * heads * head_dim
+    qkv = torch.randn(batch, tokens, width, device="cuda", dtype=torch.bfloat16)
+    scale = (1 + 0.1 * torch.randn(tasks, width, device="cuda")).bfloat16()
+    shift = (0.1 * torch.randn(tasks, width, device="cuda")).bfloat16()
+    rows = torch.randint(0, tasks, (batch,), device="cuda")
+
+    def plain():
+        q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+    reference = mixed_attention.mixed_ssf_attention_reference(qkv.float(), scale.float(), shift.float(), rows, heads)
+    separate_pass = torch.compile(
+        lambda: mixed_attention.mixed_ssf_attention_reference(qkv, scale, shift, rows, heads), dynamic=False
+    )
+
+    def error(out: torch.Tensor) -> float:
+        return ((out.float() - reference).norm() / reference.norm()).item()
+
+    plain_us = do_bench(plain, return_mode="median") * 1e3
+    separate_us = do_bench(separate_pass, return_mode="median") * 1e3
+    print(
+        f"B={batch}: plain SDPA {plain_us:.1f} us; SSF pass + SDPA (compiled) {separate_us:.1f} us "
+        f"err {error(separate_pass()):.1e}",
+        flush=True,
+    )
+    for block_m, block_n, warps, stages in TILES:
+        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+        out = torch.full((batch, tokens, heads * head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+
+        def run(config=config, out=out):
+            mixed_attention._launch(qkv, scale, shift, rows, out, heads, config)
+
+        try:
+            run()
+            kernel_us = do_bench(run, return_mode="median") * 1e3
+        except Exception as failure:  # a tile shape may not fit the card's shared memory
+            print(f"   {config}: failed: {failure!r:.200}", flush=True)
+            continue
+        print(
+            f"   triton {config}: {kernel_us:.1f} us ({kernel_us / plain_us:.2f}x plain SDPA) err {error(out):.1e}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
