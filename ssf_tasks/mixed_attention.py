@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.layers.attention import Attention as TimmAttention
+from timm.models.vision_transformer import Attention as TimmAttention
 from torch import nn
 
 __all__ = [
@@ -201,13 +201,13 @@ class MixedTaskAttention(TimmAttention):
 
     fused_mixed: bool = True
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # timm's optional arguments (attn_mask, is_causal) differ across versions; any that is set takes timm's path.
         site = self.qkv
         index = site.routing.index
         if (
             self.fused_mixed
-            and attn_mask is None
-            and not is_causal
+            and not any(a is not None and a is not False for a in (*args, *kwargs.values()))
             and isinstance(index, torch.Tensor)
             and index.shape[0] == x.shape[0]
             and not torch.is_grad_enabled()
@@ -215,7 +215,7 @@ class MixedTaskAttention(TimmAttention):
         ):
             out = mixed_ssf_attention(site.base_layer(x), site.ssf_scale, site.ssf_shift, index, self.num_heads)
             return self.proj_drop(self.proj(out))
-        return super().forward(x, attn_mask, is_causal)
+        return super().forward(x, *args, **kwargs)
 
 
 def adopt_mixed_attention(backbone: nn.Module) -> int:
@@ -234,12 +234,10 @@ def adopt_mixed_attention(backbone: nn.Module) -> int:
             and isinstance(qkv, SSFLayer)
             and type(qkv.base_layer) is nn.Linear
             and qkv.ssf_shift is not None
-            and isinstance(module.q_norm, nn.Identity)
-            and isinstance(module.k_norm, nn.Identity)
-            and isinstance(module.norm, nn.Identity)
+            and all(isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
             and getattr(module, "gate", None) is None
             and module.head_dim in (16, 32, 64, 128)
-            and module.attn_dim * 3 == qkv.channels
+            and module.num_heads * module.head_dim * 3 == qkv.channels
         ):
             module.__class__ = MixedTaskAttention
             if isinstance(module.proj, SSFLayer):

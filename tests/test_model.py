@@ -282,3 +282,34 @@ def test_mixed_forward_traces_without_graph_breaks():
         explanation = torch._dynamo.explain(model)(images, tasks)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_mixed_attention_path_equals_timm_attention(monkeypatch):
+    """The mixed-batch attention path (raw qkv in, SSF moved through the softmax) gives timm's outputs.
+
+    The Triton kernel needs CUDA (tests/test_gpu.py checks it against an fp64 reference); here it is replaced
+    by that reference, so what is tested is everything around it: which modules take the path, with which
+    tables, rows and heads, and the output projection after it.
+    """
+    from ssf_tasks import mixed_attention
+
+    calls = []
+
+    def reference(qkv, scale_table, shift_table, task_rows, num_heads):
+        calls.append(num_heads)
+        return mixed_attention.mixed_ssf_attention_reference(qkv, scale_table, shift_table, task_rows, num_heads)
+
+    monkeypatch.setattr(mixed_attention, "mixed_attention_available", lambda x: True)
+    monkeypatch.setattr(mixed_attention, "mixed_ssf_attention", reference)
+    model = _model_with_tasks("vit", sigma=0.3)
+    images = make_images("vit")
+    tasks = torch.tensor([2, 0, 2, 1][: images.shape[0]], device=images.device)
+    with torch.no_grad():
+        fused = model(images, tasks)
+        model.set_mixed_attention(False)
+        timm_attention = model(images, tasks)
+        model.set_mixed_attention(True)
+        model(images, "b")  # one task per batch: timm's forward, never the mixed path
+    blocks = model.backbone.blocks
+    assert calls == [blk.attn.num_heads for blk in blocks]  # once per block, mixed batch only
+    assert_close(fused, timm_attention, rtol=1e-5, atol=1e-5)
