@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import BatchMismatchError
+from .errors import BatchMismatchError, SSFTasksError
 
 __all__ = ["GraphedForward"]
 
@@ -41,6 +41,8 @@ class GraphedForward:
         validate: Callable[..., None] | None = None,
         warmup: int = 3,
     ) -> None:
+        if not example_inputs or not all(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+            raise SSFTasksError("GraphedForward captures a CUDA graph: every input must be a CUDA tensor")
         self.validate = validate
         if validate is not None:
             validate(*example_inputs)

@@ -115,7 +115,9 @@ class SSFLayer(nn.Module):
         * Linear / patchify Conv2d: γ/β are folded into the op's weight and bias on the fly (``_FrozenOpSSF``), so
           forward is the op alone. The frozen op needs no saved input; its output is saved instead, and γ's
           gradient is computed from it (``z = (y - β) / γ``). That output is usually saved by the next op anyway
-          (GELU, attention), so it costs no memory, unlike ``x * γ + β``, which keeps its own input.
+          (GELU, attention), so it costs no memory, unlike ``x * γ + β``, which keeps its own input. Where the
+          input is the one kept anyway (``keep_input``: ``proj`` after attention), it is saved instead and ``z``
+          is recomputed from it.
         """
         base = self.base_layer
         scale = self.ssf_scale[index]
@@ -123,8 +125,8 @@ class SSFLayer(nn.Module):
         if self._fast_kind == "layer_norm":
             bias = base.bias * scale + shift if shift is not None else None
             return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
-        kind = (self._fast_kind, self.keep_input)
-        return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, kind, _conv_args(base))
+        args = (self._fast_kind, self.keep_input, _conv_args(base))
+        return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, *args)
 
 
 def _fast_kind(base: nn.Module, rule: SiteRule) -> str | None:
@@ -174,8 +176,7 @@ class _FrozenOpSSF(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, kind, conv_args):
-        op, keep_input = kind
+    def forward(ctx, x, weight, bias, scale, shift, op, keep_input, conv_args):
         folded_bias = None
         if bias is not None:
             folded_bias = bias * scale.to(bias.dtype) + (shift.to(bias.dtype) if shift is not None else 0.0)
@@ -217,7 +218,7 @@ class _FrozenOpSSF(torch.autograd.Function):
                 stride, padding, dilation, groups = ctx.conv_args
                 grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation, groups)
         grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift else None
-        return grad_x, None, None, grad_scale.to(scale.dtype), grad_shift, None, None
+        return grad_x, None, None, grad_scale.to(scale.dtype), grad_shift, None, None, None
 
 
 def _run_op(op: str, conv_args: tuple | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

@@ -313,3 +313,11 @@ def test_mixed_attention_path_equals_timm_attention(monkeypatch):
     blocks = model.backbone.blocks
     assert calls == [blk.attn.num_heads for blk in blocks]  # once per block, mixed batch only
     assert_close(fused, timm_attention, rtol=1e-5, atol=1e-5)
+
+
+def test_graphed_forward_needs_cuda_inputs():
+    from ssf_tasks import GraphedForward, SSFTasksError
+
+    model = _model_with_tasks("vit")
+    with pytest.raises(SSFTasksError, match="every input must be a CUDA tensor"):
+        GraphedForward(model, torch.zeros(2, 3, 8, 8, device="meta"), torch.zeros(2, dtype=torch.long))
