@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -365,6 +366,12 @@ def _build_training_step(make, compiled, images, labels, classes, warmup) -> tup
     baseline = torch.cuda.memory_allocated()  # the variants built before this one stay alive
     forward, params, _holder = make()  # the forward's closure keeps the variant's modules alive
     if compiled:
+        # A fresh code object per variant: dynamo caches graphs on the code object, and variants built by one
+        # factory (the SSF ones differ only in the partitioner's memory budget) would otherwise share a graph.
+        code = forward.__code__.replace()
+        forward = types.FunctionType(
+            code, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__
+        )
         forward = torch.compile(forward, dynamic=False)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
 

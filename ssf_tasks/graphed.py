@@ -27,6 +27,10 @@ class GraphedForward:
 
         graphed = GraphedForward(model, images, tasks, validate=lambda _, t: model.check_task_indices(t))
 
+    The graph reads every weight and table at the address it had at capture. Build a new ``GraphedForward``
+    after anything that replaces them: ``add_task``, ``remove_task``, ``load_task`` of a new task,
+    ``isolate_tasks``, ``.to()``. (``update_task`` writes in place and is seen by the next replay.)
+
     Args:
         fn: the forward to capture.
         example_inputs: CUDA tensors with the shapes and dtypes of every later call.
@@ -61,9 +65,10 @@ class GraphedForward:
         if len(inputs) != len(self.static_inputs):
             raise BatchMismatchError(f"this graph takes {len(self.static_inputs)} inputs, got {len(inputs)}")
         for buffer, value in zip(self.static_inputs, inputs, strict=True):
-            if value.shape != buffer.shape:
+            if value.shape != buffer.shape or value.dtype != buffer.dtype:
                 raise BatchMismatchError(
-                    f"this graph was captured for inputs of shape {tuple(buffer.shape)}, got {tuple(value.shape)}"
+                    f"this graph was captured for inputs of shape {tuple(buffer.shape)} and dtype {buffer.dtype}, "
+                    f"got {tuple(value.shape)} and {value.dtype}"
                 )
         if self.validate is not None:
             self.validate(*inputs)

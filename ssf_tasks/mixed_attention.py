@@ -37,9 +37,9 @@ except ImportError:  # CPU-only installs: the kernel is simply not available
     triton = None
 
 
-def mixed_attention_available(x: torch.Tensor) -> bool:
-    """The kernel runs on CUDA half/bfloat16 tensors when Triton is installed."""
-    return triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+def mixed_attention_available(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """The kernel runs on CUDA tensors of half/bfloat16 (``dtype``, default ``x.dtype``) when Triton is installed."""
+    return triton is not None and x.is_cuda and (dtype or x.dtype) in (torch.float16, torch.bfloat16)
 
 
 def mixed_ssf_attention_reference(
@@ -92,8 +92,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        start_m = tl.program_id(0)
-        sample_head = tl.program_id(1)
+        # One program per (sample, head, block of queries); a head's query blocks run side by side (L2 reuse).
+        query_blocks = tl.cdiv(tokens, BLOCK_M)
+        start_m = tl.program_id(0) % query_blocks
+        sample_head = tl.program_id(0) // query_blocks
         sample = sample_head // HEADS
         head = sample_head % HEADS
         width = 3 * HEADS * HEAD_DIM
@@ -139,7 +141,7 @@ _CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 def _launch(qkv, scale_table, shift_table, task_rows, out, num_heads, config) -> None:
     batch, tokens, width = qkv.shape
     head_dim = width // (3 * num_heads)
-    grid = (triton.cdiv(tokens, config["BLOCK_M"]), batch * num_heads)
+    grid = (triton.cdiv(tokens, config["BLOCK_M"]) * batch * num_heads,)  # 1-D: a 2-D grid's y axis caps at 65535
     _mixed_ssf_attention_kernel[grid](
         qkv,
         scale_table,
@@ -164,7 +166,8 @@ def _mixed_ssf_attention_op(
 ) -> torch.Tensor:
     qkv = qkv.contiguous()
     out = torch.empty(*qkv.shape[:2], qkv.shape[2] // 3, device=qkv.device, dtype=qkv.dtype)
-    _launch(qkv, scale_table.contiguous(), shift_table.contiguous(), task_rows, out, num_heads, _CONFIG)
+    tables = scale_table.contiguous(), shift_table.contiguous()
+    _launch(qkv, *tables, task_rows.contiguous(), out, num_heads, _CONFIG)
     return out
 
 
@@ -211,11 +214,19 @@ class MixedTaskAttention(TimmAttention):
             and isinstance(index, torch.Tensor)
             and index.shape[0] == x.shape[0]
             and not torch.is_grad_enabled()
-            and mixed_attention_available(x)
+            and mixed_attention_available(x, _linear_output_dtype(x))
         ):
             out = mixed_ssf_attention(site.base_layer(x), site.ssf_scale, site.ssf_shift, index, self.num_heads)
             return self.proj_drop(self.proj(out))
         return super().forward(x, *args, **kwargs)
+
+
+def _linear_output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear gives for input ``x``: autocast's (bf16/fp16) where it is on, else ``x``'s own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def adopt_mixed_attention(backbone: nn.Module) -> int:

@@ -299,7 +299,7 @@ def test_mixed_attention_path_equals_timm_attention(monkeypatch):
         calls.append(num_heads)
         return mixed_attention.mixed_ssf_attention_reference(qkv, scale_table, shift_table, task_rows, num_heads)
 
-    monkeypatch.setattr(mixed_attention, "mixed_attention_available", lambda x: True)
+    monkeypatch.setattr(mixed_attention, "mixed_attention_available", lambda x, dtype=None: True)
     monkeypatch.setattr(mixed_attention, "mixed_ssf_attention", reference)
     model = _model_with_tasks("vit", sigma=0.3)
     images = make_images("vit")
@@ -321,3 +321,14 @@ def test_graphed_forward_needs_cuda_inputs():
     model = _model_with_tasks("vit")
     with pytest.raises(SSFTasksError, match="every input must be a CUDA tensor"):
         GraphedForward(model, torch.zeros(2, 3, 8, 8, device="meta"), torch.zeros(2, dtype=torch.long))
+
+
+def test_mixed_attention_sees_the_dtype_autocast_gives_the_qkv_projection():
+    """Under autocast, LayerNorm hands attention fp32 but qkv comes out in bf16: the kernel is judged on the latter."""
+    from ssf_tasks.mixed_attention import _linear_output_dtype
+
+    x = torch.zeros(2, 4)
+    assert _linear_output_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _linear_output_dtype(x) == torch.bfloat16
+        assert torch.nn.functional.linear(x, torch.zeros(3, 4)).dtype == torch.bfloat16
