@@ -346,14 +346,7 @@ def _invalid_row(what: str, error: ValidationError) -> RegistryError:
 
 def _backbone_record(row: _BackboneRow) -> BackboneRecord:
     try:
-        return BackboneRecord(
-            name=row.name,
-            timm_name=row.timm_name,
-            weights_source=row.weights_source,
-            fingerprint=row.fingerprint,
-            num_features=row.num_features,
-            created_at=row.created_at,
-        )
+        return BackboneRecord.model_validate(row, from_attributes=True)  # the row's columns are the fields
     except ValidationError as e:
         raise _invalid_row(f"backbone '{row.name}'", e) from e
 
@@ -375,14 +368,7 @@ def add_backbone(s: Session, record: BackboneRecord) -> None:
     with _db_errors(f"adding backbone '{record.name}'"):
         if s.get(_BackboneRow, record.name) is not None:
             raise BackboneError(f"backbone '{record.name}' already exists")
-        row = _BackboneRow(
-            name=record.name,
-            timm_name=record.timm_name,
-            weights_source=record.weights_source,
-            fingerprint=record.fingerprint,
-            num_features=record.num_features,
-            created_at=record.created_at,
-        )
+        row = _BackboneRow(**record.model_dump())
         try:
             with s.begin_nested():  # a concurrent writer may have taken the name since the check above
                 s.add(row)
