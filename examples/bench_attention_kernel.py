@@ -2,7 +2,8 @@
 
 One ViT-B attention at batch 256: SDPA on raw q/k/v (what the plain backbone runs), the qkv SSF as its own
 pass followed by SDPA (what the compiled mixed forward runs without the kernel), and the Triton kernel at several
-tile shapes, each checked against an fp32 reference. Needs a CUDA GPU and Triton.
+tile shapes, with pointer loads and (on Hopper) TMA descriptor loads, each checked against an fp32 reference.
+Needs a CUDA GPU and Triton.
 Results: examples/bench_results/attention_kernel_h100.txt.
 
     PYTHONPATH=. python examples/bench_attention_kernel.py
@@ -18,23 +19,12 @@ from triton.testing import do_bench
 from ssf_tasks import mixed_attention
 
 TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    (128, 32, 4, 3),
-    (128, 32, 4, 4),
-    (128, 32, 4, 2),
-    (128, 32, 8, 3),
-    (128, 64, 4, 3),
-    (128, 64, 4, 4),
-    (128, 64, 8, 3),
     (64, 32, 4, 3),
+    (64, 32, 4, 2),
     (64, 64, 4, 3),
-    (64, 64, 4, 4),
-    (64, 32, 4, 4),
-    (128, 16, 4, 3),
-    (64, 128, 4, 3),
-    (64, 128, 4, 2),
-    (128, 128, 4, 2),
-    (32, 64, 2, 3),
-    (64, 64, 8, 3),
+    (128, 32, 4, 3),
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
 ]
 
 
@@ -65,21 +55,23 @@ def main(batch: int = 256, tokens: int = 197, heads: int = 12, head_dim: int = 6
         f"err {error(separate_pass()):.1e}",
         flush=True,
     )
-    for block_m, block_n, warps, stages in TILES:
+    loads = ["pointer", "tma"] if mixed_attention.tma_available(qkv) else ["pointer"]
+    for load, (block_m, block_n, warps, stages) in [(load, tile) for load in loads for tile in TILES]:
         config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
         out = torch.full((batch, tokens, heads * head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
 
-        def run(config=config, out=out):
-            mixed_attention._launch(qkv, scale, shift, rows, out, heads, config)
+        def run(config=config, out=out, tma=load == "tma"):
+            mixed_attention._launch(qkv, scale, shift, rows, out, heads, config, tma)
 
         try:
             run()
             kernel_us = do_bench(run, return_mode="median") * 1e3
         except Exception as failure:  # a tile shape may not fit the card's shared memory
-            print(f"   {config}: failed: {failure!r:.200}", flush=True)
+            print(f"   {load} {config}: failed: {failure!r:.200}", flush=True)
             continue
         print(
-            f"   triton {config}: {kernel_us:.1f} us ({kernel_us / plain_us:.2f}x plain SDPA) err {error(out):.1e}",
+            f"   triton, {load} loads, {config}: {kernel_us:.1f} us ({kernel_us / plain_us:.2f}x plain SDPA) "
+            f"err {error(out):.1e}",
             flush=True,
         )
 

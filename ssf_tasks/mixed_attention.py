@@ -35,6 +35,7 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the kernel is simply not available
     triton = None
+TensorDescriptor = None
 
 
 def mixed_attention_available(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
@@ -54,22 +55,36 @@ def mixed_ssf_attention_reference(
 
 
 if triton is not None:
+    try:  # Hopper's tensor-memory accelerator (TMA): block loads by descriptor; older Triton builds lack it
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        TensorDescriptor = None
 
     @triton.jit
-    def _attend(
-        acc, l_i, m_i, q, base, start_n, tokens, width, k_cols, v_cols, BLOCK_N: tl.constexpr, MASKED: tl.constexpr
-    ):
-        """One block of keys/values, online softmax in base 2 (the running max, sum and output)."""
-        keys = start_n + tl.arange(0, BLOCK_N)
+    def _load_rows(base, desc, sample, start, col, tokens, width, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   TMA: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+        """``BLOCK`` token rows of one head's slice (columns ``col + [0, HEAD_DIM)``) of one sample's qkv.
+
+        With TMA, the descriptor's bounds zero-fill rows past the sample's last token; with pointers, ``MASKED``
+        does (whole blocks skip the mask).
+        """
+        if TMA:
+            return desc.load([sample, start, col]).reshape(BLOCK, HEAD_DIM)
+        rows = start + tl.arange(0, BLOCK)
+        pointers = base + rows[:, None] * width + col + tl.arange(0, HEAD_DIM)[None, :]
         if MASKED:
-            key_mask = keys < tokens
-            k = tl.load(base + keys[:, None] * width + k_cols[None, :], mask=key_mask[:, None], other=0.0)
-            v = tl.load(base + keys[:, None] * width + v_cols[None, :], mask=key_mask[:, None], other=0.0)
-            s = tl.where(key_mask[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-        else:
-            k = tl.load(base + keys[:, None] * width + k_cols[None, :])
-            v = tl.load(base + keys[:, None] * width + v_cols[None, :])
-            s = tl.dot(q, tl.trans(k))
+            return tl.load(pointers, mask=rows[:, None] < tokens, other=0.0)
+        return tl.load(pointers)
+
+    @triton.jit
+    def _attend(acc, l_i, m_i, q, base, desc, sample, start_n, k_col, v_col, tokens, width,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+        """One block of keys/values, online softmax in base 2 (the running max, sum and output)."""
+        k = _load_rows(base, desc, sample, start_n, k_col, tokens, width, BLOCK_N, HEAD_DIM, TMA, MASKED)
+        v = _load_rows(base, desc, sample, start_n, v_col, tokens, width, BLOCK_N, HEAD_DIM, TMA, MASKED)
+        s = tl.dot(q, tl.trans(k))
+        if MASKED:
+            s = tl.where((start_n + tl.arange(0, BLOCK_N) < tokens)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -80,10 +95,13 @@ if triton is not None:
     @triton.jit
     def _mixed_ssf_attention_kernel(
         qkv_ptr,
+        q_desc,
+        kv_desc,
+        out_ptr,
+        out_desc,
         scale_ptr,
         shift_ptr,
         task_ptr,
-        out_ptr,
         tokens,
         stride_table,
         qk_scale,
@@ -91,6 +109,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         # One program per (sample, head, block of queries); a head's query blocks run side by side (L2 reuse).
         query_blocks = tl.cdiv(tokens, BLOCK_M)
@@ -102,20 +121,19 @@ if triton is not None:
         task = tl.load(task_ptr + sample)
 
         # Per-channel SSF of this sample and head: q gets γq·γk (and the softmax scale, in base 2), plus βq·γk.
+        q_col = head * HEAD_DIM
+        k_col = q_col + HEADS * HEAD_DIM
+        v_col = k_col + HEADS * HEAD_DIM
         dims = tl.arange(0, HEAD_DIM)
-        q_cols = head * HEAD_DIM + dims
-        k_cols = q_cols + HEADS * HEAD_DIM
-        v_cols = k_cols + HEADS * HEAD_DIM
-        table = scale_ptr + task * stride_table
-        gamma_k = tl.load(table + k_cols).to(tl.float32)
-        q_mul = tl.load(table + q_cols).to(tl.float32) * gamma_k * qk_scale
-        q_add = tl.load(shift_ptr + task * stride_table + q_cols).to(tl.float32) * gamma_k * qk_scale
-        v_mul = tl.load(table + v_cols).to(tl.float32)
-        v_add = tl.load(shift_ptr + task * stride_table + v_cols).to(tl.float32)
+        scales, shifts = scale_ptr + task * stride_table + dims, shift_ptr + task * stride_table + dims
+        gamma_k = tl.load(scales + k_col).to(tl.float32)
+        q_mul = tl.load(scales + q_col).to(tl.float32) * gamma_k * qk_scale
+        q_add = tl.load(shifts + q_col).to(tl.float32) * gamma_k * qk_scale
+        v_mul = tl.load(scales + v_col).to(tl.float32)
+        v_add = tl.load(shifts + v_col).to(tl.float32)
 
-        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         base = qkv_ptr + sample.to(tl.int64) * tokens * width
-        q = tl.load(base + rows[:, None] * width + q_cols[None, :], mask=rows[:, None] < tokens, other=0.0)
+        q = _load_rows(base, q_desc, sample, start_m * BLOCK_M, q_col, tokens, width, BLOCK_M, HEAD_DIM, TMA, True)
         q = (q.to(tl.float32) * q_mul[None, :] + q_add[None, :]).to(qkv_ptr.dtype.element_ty)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -124,30 +142,62 @@ if triton is not None:
         # Whole key blocks first, without masks; then the partial last block, if any.
         full_end = (tokens // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, base, start_n, tokens, width, k_cols, v_cols, BLOCK_N, False)
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, base, kv_desc, sample, start_n, k_col, v_col, tokens, width,
+                BLOCK_N, HEAD_DIM, TMA, False,
+            )  # fmt: skip
         if full_end < tokens:
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, base, full_end, tokens, width, k_cols, v_cols, BLOCK_N, True)
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, base, kv_desc, sample, full_end, k_col, v_col, tokens, width,
+                BLOCK_N, HEAD_DIM, TMA, True,
+            )  # fmt: skip
 
-        out = (acc / l_i[:, None]) * v_mul[None, :] + v_add[None, :]
-        out_base = out_ptr + sample.to(tl.int64) * tokens * (HEADS * HEAD_DIM)
-        out_ptrs = out_base + rows[:, None] * (HEADS * HEAD_DIM) + q_cols[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < tokens)
+        out = ((acc / l_i[:, None]) * v_mul[None, :] + v_add[None, :]).to(out_ptr.dtype.element_ty)
+        if TMA:  # the descriptor's bounds drop rows past the last token
+            out_desc.store([sample, start_m * BLOCK_M, q_col], out.reshape(1, BLOCK_M, HEAD_DIM))
+        else:
+            rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            out_base = out_ptr + sample.to(tl.int64) * tokens * (HEADS * HEAD_DIM)
+            out_ptrs = out_base + rows[:, None] * (HEADS * HEAD_DIM) + q_col + dims[None, :]
+            tl.store(out_ptrs, out, mask=rows[:, None] < tokens)
 
 
-# Chosen on an H100 for ViT-B (197 tokens, 12 heads of 64); see BENCHMARKS.md.
+# Chosen on an H100 for ViT-B (197 tokens, 12 heads of 64), with TMA loads and with pointer loads alike; see
+# BENCHMARKS.md.
 _CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 
 
-def _launch(qkv, scale_table, shift_table, task_rows, out, num_heads, config) -> None:
+def tma_available(x: torch.Tensor) -> bool:
+    """Block loads by TMA descriptor: a Hopper-or-newer GPU, a Triton that has them, and a contiguous ``x`` whose
+    start and rows are 16-byte aligned (what a descriptor requires)."""
+    return (
+        TensorDescriptor is not None
+        and x.is_cuda
+        and x.is_contiguous()
+        and x.data_ptr() % 16 == 0
+        and (x.shape[-1] * x.element_size()) % 16 == 0
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+def _launch(qkv, scale_table, shift_table, task_rows, out, num_heads, config, tma: bool) -> None:
     batch, tokens, width = qkv.shape
     head_dim = width // (3 * num_heads)
+    q_desc = kv_desc = out_desc = None
+    if tma:  # 3-D descriptors: a block never runs into the next sample's rows
+        q_desc = TensorDescriptor(qkv, list(qkv.shape), list(qkv.stride()), [1, config["BLOCK_M"], head_dim])
+        kv_desc = TensorDescriptor(qkv, list(qkv.shape), list(qkv.stride()), [1, config["BLOCK_N"], head_dim])
+        out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, config["BLOCK_M"], head_dim])
     grid = (triton.cdiv(tokens, config["BLOCK_M"]) * batch * num_heads,)  # 1-D: a 2-D grid's y axis caps at 65535
     _mixed_ssf_attention_kernel[grid](
         qkv,
+        q_desc,
+        kv_desc,
+        out,
+        out_desc,
         scale_table,
         shift_table,
         task_rows,
-        out,
         tokens,
         scale_table.stride(0),
         head_dim**-0.5 * math.log2(math.e),
@@ -155,6 +205,7 @@ def _launch(qkv, scale_table, shift_table, task_rows, out, num_heads, config) ->
         HEAD_DIM=head_dim,
         BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"],
+        TMA=tma,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
@@ -167,7 +218,7 @@ def _mixed_ssf_attention_op(
     qkv = qkv.contiguous()
     out = torch.empty(*qkv.shape[:2], qkv.shape[2] // 3, device=qkv.device, dtype=qkv.dtype)
     tables = scale_table.contiguous(), shift_table.contiguous()
-    _launch(qkv, *tables, task_rows.contiguous(), out, num_heads, _CONFIG)
+    _launch(qkv, *tables, task_rows.contiguous(), out, num_heads, _CONFIG, tma_available(qkv))
     return out
 
 

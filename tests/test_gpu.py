@@ -180,3 +180,43 @@ def test_graphed_forward_replays_new_inputs_and_checks_them():
             graphed(images[:2], tasks[:2])
         with pytest.raises(TaskNotFoundError, match="task index 8 is out of range for 8 tasks"):
             graphed(images, torch.tensor([0, 8, 1, 1], device="cuda"))
+
+
+@pytest.mark.parametrize("shape", [(64, 197, 768), (64, 197, 2304), (5, 3, 70), (1000, 13)])
+def test_column_sums_kernel_matches_fp64(shape):
+    from ssf_tasks.grad_sums import column_sums
+
+    torch.manual_seed(0)
+    dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    other = torch.randn(shape, device="cuda", dtype=torch.bfloat16).transpose(0, 1).contiguous().transpose(0, 1)
+    sum_dy, sum_prod = column_sums(dy, other)  # ``other`` strided: the kernel must read it in logical order
+    rows, cols = dy.double().reshape(-1, shape[-1]), other.double().reshape(-1, shape[-1])
+    assert_close(sum_dy.double(), rows.sum(0), rtol=1e-5, atol=1e-3)
+    assert_close(sum_prod.double(), (rows * cols).sum(0), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("fused_sums", [True, False])
+def test_compiled_fused_training_matches_eager_gradients(fused_sums):
+    """The fused path under torch.compile (with the column-sums kernel inlined by inductor, or torch's sums)
+    against the eager path, in fp32."""
+    model = _model()
+    for site in model.sites:
+        site.fused_sums = fused_sums
+    images = torch.randn(4, 3, 224, 224, device="cuda")
+    grads = {}
+    for fast, compiled in ((False, False), (None, True)):
+        model.set_fast_path(fast)
+        model.zero_grad(set_to_none=True)
+        model.train()
+        torch._dynamo.reset()
+        forward = torch.compile(model, dynamic=False) if compiled else model
+        forward(images, "t3")[:, :8].logsumexp(-1).sum().backward()
+        grads[compiled] = {
+            f"{name}.{kind}": getattr(site, kind).grad[3].clone()
+            for name, site in model.named_sites()
+            for kind in ("ssf_scale", "ssf_shift")
+            if getattr(site, kind) is not None
+        }
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 70
+    for key, eager in grads[False].items():
+        assert_close(grads[True][key], eager, rtol=1e-3, atol=1e-3 * eager.abs().max().item(), msg=key)

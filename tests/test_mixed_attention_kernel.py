@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 CHECK = """
 import json
 import torch
-from ssf_tasks.mixed_attention import mixed_ssf_attention, mixed_ssf_attention_reference
+from ssf_tasks.mixed_attention import _CONFIG, _launch, mixed_ssf_attention, mixed_ssf_attention_reference
 
 torch.manual_seed(0)
 errors = {}
@@ -29,8 +29,13 @@ for batch, tokens, heads, head_dim in [(3, 40, 2, 16), (2, 13, 1, 32), (4, 70, 2
     shift = torch.randn(6, width)  # large shifts: the k shift must cancel and the v shift carry over
     rows = torch.randint(0, 6, (2 * batch,))[::2]  # a strided view of task rows
     expected = mixed_ssf_attention_reference(qkv.double(), scale.double(), shift.double(), rows, heads)
-    result = mixed_ssf_attention(qkv, scale, shift, rows, heads)
+    result = mixed_ssf_attention(qkv, scale, shift, rows, heads)  # the public op, given strided task rows
     errors[f"{batch}x{tokens}x{heads}x{head_dim}"] = float((result.double() - expected).norm() / expected.norm())
+    for tma in (False, True):  # pointer loads, and Hopper's descriptor loads (which the interpreter emulates)
+        result = torch.full((batch, tokens, heads * head_dim), float("nan")).half()
+        _launch(qkv, scale, shift, rows.contiguous(), result, heads, _CONFIG, tma)
+        error = float((result.double() - expected).norm() / expected.norm())
+        errors[f"{batch}x{tokens}x{heads}x{head_dim} tma={tma}"] = error
 print(json.dumps(errors))
 """
 
@@ -41,5 +46,13 @@ def test_kernel_matches_ssf_then_attention_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(errors) == 3
+    assert len(errors) == 9
     assert all(error < 2e-3 for error in errors.values()), errors  # fp16 inputs against an fp64 reference
+
+
+def test_tma_loads_are_never_chosen_off_the_gpu():
+    import torch
+
+    from ssf_tasks.mixed_attention import tma_available
+
+    assert not tma_available(torch.zeros(2, 3, 48, dtype=torch.half))
