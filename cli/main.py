@@ -123,6 +123,10 @@ def predict_command(
             show_default=False,
         ),
     ] = None,
+    precision: Annotated[
+        Literal["fp32", "bf16"],
+        typer.Option("--precision", help="fp32, or bf16 autocast (faster on GPU; scores differ by about 1e-2)."),
+    ] = "fp32",
 ) -> None:
     """Predict a manifest mixing any registered tasks, in batches of mixed tasks through one backbone pass."""
     if task_name is not None:
@@ -139,6 +143,7 @@ def predict_command(
         top_k=top_k,
         source=str(source),
         compile=compile_forward,
+        precision=precision,
     )
     service.write_predictions(predictions, out, top_k=top_k)
     tasks = sorted({p.task for p in predictions})

@@ -86,6 +86,9 @@ __all__ = [
 COMPILE_MIN_BATCHES = 8
 """``predict`` compiles automatically (on CUDA) from this many batches in one group."""
 
+PRECISIONS = ("fp32", "bf16")
+"""``predict``'s forward precisions: fp32, or bf16 autocast."""
+
 TASK_FILE_METADATA_KEY = "ssf_tasks"
 """Key of the task's JSON record (a :class:`~ssf_tasks.config.TaskFile`) in a task file's safetensors metadata."""
 
@@ -492,6 +495,7 @@ def predict(
     top_k: int = 1,
     source: str = "manifest",
     compile: bool | None = None,
+    precision: str = "fp32",
 ) -> list[Prediction]:
     """Predict every ``(image, task)`` item, mixing tasks freely within each batch.
 
@@ -508,6 +512,9 @@ def predict(
         compile: Run the mixed-task forward through ``torch.compile`` (the fast path, see BENCHMARKS.md).
             ``None`` (default) compiles on CUDA when a group holds at least :data:`COMPILE_MIN_BATCHES` batches,
             so that the compilation (tens of seconds) pays for itself.
+        precision: ``fp32`` (default; equals the exported model's outputs) or ``bf16``: the forward runs under bf16
+            autocast, which on CUDA also lets mixed batches of ViT tasks take the attention kernel of
+            :mod:`ssf_tasks.mixed_attention`. Scores then differ from fp32 by bf16 rounding (about 1e-2).
 
     Returns:
         One prediction per item, in input order.
@@ -518,6 +525,8 @@ def predict(
     """
     if top_k < 1:
         raise DataError(f"--top-k must be at least 1, got {top_k}")
+    if precision not in PRECISIONS:
+        raise DataError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if not items:
         raise DataError(f"{source} has no rows")
     with Session(engine) as s:
@@ -544,7 +553,9 @@ def predict(
         forward = _compiled_forward(model, batch_size) if use_compile else model
         for images, rows in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             tasks = torch.tensor([model.task_index(items[int(i)][1]) for i in rows], device=target)
-            probs = forward(images.to(target), tasks).float().softmax(dim=-1).cpu()
+            with torch.autocast(target.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = forward(images.to(target), tasks)
+            probs = logits.float().softmax(dim=-1).cpu()
             scores, columns = probs.topk(min(top_k, probs.shape[1]), dim=-1)
             for j, i in enumerate(rows.tolist()):
                 task = items[i][1]

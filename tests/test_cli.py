@@ -419,6 +419,7 @@ def test_bench_without_a_gpu_is_a_clean_error():
         (["task", "list", "--bogus"], "No such option: --bogus"),
         (["nope"], "No such command 'nope'"),
         (["task", "eval", "x", "--data", ".", "--device", "tpu"], "Invalid value for '--device'"),
+        (["predict", "m.csv", "--out", "p.csv", "--precision", "fp8"], "Invalid value for '--precision'"),
     ],
 )
 def test_usage_errors_are_one_line(tmp_path, args, message):
@@ -443,3 +444,22 @@ def test_compiled_predict_equals_eager_predict(url, workdir, tmp_path):
         atol=1e-5,
         rtol=0,
     )
+
+
+def test_bf16_predict_scores_match_fp32_within_rounding(url, workdir, tmp_path):
+    """``--precision bf16`` runs the same forward under bf16 autocast: every label's score within bf16 rounding."""
+    folder = workdir / "data" / "test" / "frog"
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.csv"
+        ok(url, "predict", folder, "--task", "cifar", "--out", out, "--top-k", "3", "--precision", precision)
+        scores[precision] = [
+            {row[f"label{s}"]: float(row[f"score{s}"]) for s in ("", "_2", "_3")} for row in read_csv(out)
+        ]
+    assert len(scores["bf16"]) == len(scores["fp32"]) == PER_SPLIT["test"]
+    for bf16, fp32 in zip(scores["bf16"], scores["fp32"], strict=True):
+        assert bf16.keys() == fp32.keys() == set(CLASSES)
+        for label, score in fp32.items():
+            assert abs(bf16[label] - score) < 0.03, (label, bf16[label], score)
+    differences = [abs(b[k] - f[k]) for b, f in zip(scores["bf16"], scores["fp32"], strict=True) for k in f]
+    assert max(differences) > 0  # bf16 really ran: its rounding shows in the scores

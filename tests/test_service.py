@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from ssf_tasks import service
 from ssf_tasks.config import TrainConfig
-from ssf_tasks.errors import DuplicateTaskError, RegistryError, SSFTasksError, TaskNotFoundError
+from ssf_tasks.errors import DataError, DuplicateTaskError, RegistryError, SSFTasksError, TaskNotFoundError
 from ssf_tasks.registry import open_registry
 
 CLASSES = ["airplane", "frog", "ship"]
@@ -61,6 +61,8 @@ def test_python_flow(engine, tmp_path):
 
     with pytest.raises(TaskNotFoundError, match="row 1"):
         service.predict(engine, [(images[0], "nope")], device="cpu")
+    with pytest.raises(DataError, match="--precision must be one of fp32, bf16, got 'fp16'"):
+        service.predict(engine, [(images[0], "a")], device="cpu", precision="fp16")
 
 
 def test_read_only_registry_fails_before_training(engine, tmp_path, monkeypatch):
