@@ -125,7 +125,7 @@ def predict_command(
     ] = None,
     precision: Annotated[
         Literal["fp32", "bf16"],
-        typer.Option("--precision", help="fp32, or bf16 autocast (faster on GPU; scores differ by about 1e-2)."),
+        typer.Option("--precision", help="fp32, or bf16 autocast (scores differ by about 1e-2)."),
     ] = "fp32",
 ) -> None:
     """Predict a manifest mixing any registered tasks, in batches of mixed tasks through one backbone pass."""

@@ -22,6 +22,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch reduction is used
     triton = None
+if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot hand a Triton kernel to inductor
+    triton = None
 
 
 def column_sums(dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

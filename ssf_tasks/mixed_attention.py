@@ -28,6 +28,7 @@ __all__ = [
     "mixed_ssf_attention",
     "mixed_ssf_attention_reference",
     "restore_timm_attention",
+    "tma_available",
 ]
 
 try:

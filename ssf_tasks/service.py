@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import safetensors
 import safetensors.torch
@@ -81,6 +81,7 @@ __all__ = [
     "show_task",
     "train_and_store",
     "write_predictions",
+    "PRECISIONS",
 ]
 
 COMPILE_MIN_BATCHES = 8
@@ -495,7 +496,7 @@ def predict(
     top_k: int = 1,
     source: str = "manifest",
     compile: bool | None = None,
-    precision: str = "fp32",
+    precision: Literal["fp32", "bf16"] = "fp32",
 ) -> list[Prediction]:
     """Predict every ``(image, task)`` item, mixing tasks freely within each batch.
 

@@ -226,7 +226,7 @@ class _FrozenOpSSF(torch.autograd.Function):
 def _grad_sums(op: str, fused: bool, dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ dy, Σ dy ⊙ other)`` per output channel, in fp32: one fused pass for a Linear (channels last)."""
     if op == "linear" and fused:
-        return column_sums(dy, other.to(dy.dtype))
+        return column_sums(dy, other)
     dims = [d for d in range(dy.ndim) if d != (dy.ndim - 1 if op == "linear" else 1)]
     return dy.sum(dims, dtype=torch.float32), (dy * other).sum(dims, dtype=torch.float32)
 

@@ -166,6 +166,24 @@ def test_mixed_batch_uses_the_attention_kernel_and_matches_timm_attention():
     assert error < 2e-2, error
 
 
+def test_mixed_batch_under_autocast_uses_the_attention_kernel():
+    """``predict --precision bf16``'s setting: an fp32 model under bf16 autocast takes the kernel too."""
+    model = _model()
+    images = torch.randn(6, 3, 224, 224, device="cuda")
+    tasks = torch.tensor([0, 5, 5, 2, 7, 1], device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            fused = model(images, tasks)
+            torch.cuda.synchronize()
+        model.set_mixed_attention(False)
+        reference = model(images, tasks)
+    assert any("mixed_ssf_attention" in event.name for event in profile.events())
+    finite = torch.isfinite(reference)
+    assert torch.equal(finite, torch.isfinite(fused))
+    error = (fused[finite].float() - reference[finite].float()).abs().max() / reference[finite].float().abs().max()
+    assert error < 2e-2, error
+
+
 def test_graphed_forward_replays_new_inputs_and_checks_them():
     from ssf_tasks import BatchMismatchError, GraphedForward, TaskNotFoundError
 
@@ -189,7 +207,7 @@ def test_column_sums_kernel_matches_fp64(shape):
     torch.manual_seed(0)
     dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     other = torch.randn(shape, device="cuda", dtype=torch.bfloat16).transpose(0, 1).contiguous().transpose(0, 1)
-    sum_dy, sum_prod = column_sums(dy, other)  # ``other`` strided: the kernel must read it in logical order
+    sum_dy, sum_prod = column_sums(dy, other)  # ``other`` strided: it must be read in logical order
     rows, cols = dy.double().reshape(-1, shape[-1]), other.double().reshape(-1, shape[-1])
     assert_close(sum_dy.double(), rows.sum(0), rtol=1e-5, atol=1e-3)
     assert_close(sum_prod.double(), (rows * cols).sum(0), rtol=1e-5, atol=1e-3)
