@@ -339,6 +339,7 @@ def bench_training(
     # Every variant is built, compiled, warmed up and measured for memory first; then all are timed in
     # alternation (``rounds`` passes), so that a slow spell of the machine does not land on one variant only.
     built: list[tuple[Row, Callable[[], Any]]] = []
+    started = time.time()
     with torch._dynamo.config.patch(cache_size_limit=64):
         for compiled in compile_modes:
             for label, make, budget in [(label, make, None) for label, make in variants] + (
@@ -355,6 +356,9 @@ def bench_training(
                 if profile:
                     _print_profile(step, label)
                 built.append(({**row, "peak_gib": peak}, step))
+                # Building (compiling) takes about a minute per variant: show progress, so a run cut short by a
+                # time limit still tells which variants built and their memory.
+                print(json.dumps({"built": label, "peak_gib": peak, "seconds": time.time() - started}), flush=True)
         samples: list[list[float]] = [[] for _ in built]
         for _ in range(rounds):
             for times, (_, step) in zip(samples, built, strict=True):
