@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,13 @@ def assets() -> Path:
     if not ASSETS.is_dir():
         pytest.skip(f"shared assets not found at {ASSETS}")
     return ASSETS
+
+
+def run_in_triton_interpreter(code: str):
+    """Run ``code`` in a child Python with Triton's interpreter on (it must be on before a kernel is defined) and
+    return the JSON its last printed line holds."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

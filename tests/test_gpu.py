@@ -149,29 +149,13 @@ def test_mixed_attention_kernel_matches_ssf_then_attention(tokens, heads, head_d
     assert error < 1e-2, error
 
 
-def test_mixed_batch_uses_the_attention_kernel_and_matches_timm_attention():
-    model = _model().to(torch.bfloat16)
-    images = torch.randn(6, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mixed_batch_uses_the_attention_kernel_and_matches_timm_attention(autocast):
+    """A bf16 model, or (``predict --precision bf16``'s setting) an fp32 model under bf16 autocast."""
+    model = _model() if autocast else _model().to(torch.bfloat16)
+    images = torch.randn(6, 3, 224, 224, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16)
     tasks = torch.tensor([0, 5, 5, 2, 7, 1], device="cuda")
-    with torch.inference_mode():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-            fused = model(images, tasks)
-            torch.cuda.synchronize()
-        model.set_mixed_attention(False)
-        reference = model(images, tasks)
-    assert any("mixed_ssf_attention" in event.name for event in profile.events())
-    finite = torch.isfinite(reference)
-    assert torch.equal(finite, torch.isfinite(fused))
-    error = (fused[finite].float() - reference[finite].float()).abs().max() / reference[finite].float().abs().max()
-    assert error < 2e-2, error
-
-
-def test_mixed_batch_under_autocast_uses_the_attention_kernel():
-    """``predict --precision bf16``'s setting: an fp32 model under bf16 autocast takes the kernel too."""
-    model = _model()
-    images = torch.randn(6, 3, 224, 224, device="cuda")
-    tasks = torch.tensor([0, 5, 5, 2, 7, 1], device="cuda")
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
             fused = model(images, tasks)
             torch.cuda.synchronize()

@@ -6,16 +6,11 @@ process); ``tests/test_gpu.py`` runs it compiled. ``column_sums`` itself falls b
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import run_in_triton_interpreter
 from ssf_tasks.grad_sums import column_sums
 
 CHECK = """
@@ -38,11 +33,7 @@ print(json.dumps(errors))
 
 def test_kernel_matches_fp64_sums_in_the_interpreter():
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = run_in_triton_interpreter(CHECK)
     assert len(errors) == 5
     assert all(error < 1e-5 for pair in errors.values() for error in pair), errors  # fp32 sums of fp16 values
 

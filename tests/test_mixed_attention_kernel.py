@@ -5,13 +5,9 @@ The interpreter must be switched on before the kernel is defined, so the check r
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from conftest import run_in_triton_interpreter
 
 pytest.importorskip("triton")
 
@@ -41,10 +37,6 @@ print(json.dumps(errors))
 
 
 def test_kernel_matches_ssf_then_attention_in_the_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = run_in_triton_interpreter(CHECK)
     assert len(errors) == 9
     assert all(error < 2e-3 for error in errors.values()), errors  # fp16 inputs against an fp64 reference
