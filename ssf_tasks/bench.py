@@ -297,14 +297,12 @@ def bench_training(
         model.train()
         return (lambda x: model(x)), [p for p in model.parameters() if p.requires_grad], model
 
-    def ssf(fast: bool, fused_sums: bool = False):
+    def ssf(fast: bool):
         def make():
             backbone = timm.create_model(model_name, num_classes=0).cuda()
             model = MultiTaskSSF(backbone)
             model.add_task("task", classes)
             model.set_fast_path(None if fast else False)
-            for site in model.sites:
-                site.fused_sums = fused_sums
             context = model.isolate_tasks(["task"])
             params = context.__enter__()  # the run is thrown away: no need to write rows back
             model.train()
@@ -326,7 +324,6 @@ def bench_training(
             print("peft not installed: LoRA row skipped", file=sys.stderr)
     variants += [
         ("ssf-tasks SSF + head (fused path)", ssf(True)),
-        ("ssf-tasks SSF + head (fused path, column-sums kernel)", ssf(True, True)),
         ("ssf-tasks SSF + head (eager path)", ssf(False)),
     ]
     # torch.compile's activation-memory budget: the partitioner recomputes cheap ops instead of saving them.

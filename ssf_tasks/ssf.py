@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import BatchMismatchError, SSFTasksError
-from .grad_sums import column_sums
 from .sites import SiteRule
 
 __all__ = ["SSFLayer", "TaskRouting", "FAST_PATH_AUTO"]
@@ -56,9 +55,6 @@ class SSFLayer(nn.Module):
         # Fused path: keep the op's input rather than its output for backward. Worth it where the input is
         # kept anyway by the op before (attention keeps its output, the input of ``proj``) and the output is not.
         self.keep_input = False
-        # Fused path: Σdy and Σdy⊙z in one Triton pass on CUDA (``grad_sums``) instead of two torch sums. Off by
-        # default: it is checked on the GPU, but its end-to-end speed has not been measured yet (BENCHMARKS.md).
-        self.fused_sums = False
         self._fast_kind = _fast_kind(base_layer, rule)
         weight = base_layer.weight
         self.channels = int(weight.shape[0])
@@ -129,7 +125,7 @@ class SSFLayer(nn.Module):
         if self._fast_kind == "layer_norm":
             bias = base.bias * scale + shift if shift is not None else None
             return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
-        args = (self._fast_kind, self.keep_input, self.fused_sums, _conv_args(base))
+        args = (self._fast_kind, self.keep_input, _conv_args(base))
         return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, *args)
 
 
@@ -180,12 +176,12 @@ class _FrozenOpSSF(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, op, keep_input, fused_sums, conv_args):
+    def forward(ctx, x, weight, bias, scale, shift, op, keep_input, conv_args):
         folded_bias = None
         if bias is not None:
             folded_bias = bias * scale.to(bias.dtype) + (shift.to(bias.dtype) if shift is not None else 0.0)
         y = _run_op(op, conv_args, x, _fold_rows(weight, scale), folded_bias)
-        ctx.op, ctx.keep_input, ctx.fused_sums = op, keep_input, fused_sums
+        ctx.op, ctx.keep_input = op, keep_input
         ctx.conv_args, ctx.x_shape = conv_args, x.shape
         ctx.has_shift, ctx.has_bias = shift is not None, bias is not None
         # The folded weight is recomputed in backward: saving it would keep a copy of every frozen weight.
@@ -205,9 +201,9 @@ class _FrozenOpSSF(torch.autograd.Function):
         if ctx.keep_input:
             z_bias = bias.to(kept.dtype) if ctx.has_bias else None
             z = _run_op(ctx.op, ctx.conv_args, kept, weight.to(kept.dtype), z_bias)
-            sum_dy, grad_scale = _grad_sums(ctx.op, ctx.fused_sums, dy, z)
+            sum_dy, grad_scale = _grad_sums(ctx.op, dy, z)
         else:
-            sum_dy, sum_dy_y = _grad_sums(ctx.op, ctx.fused_sums, dy, kept)
+            sum_dy, sum_dy_y = _grad_sums(ctx.op, dy, kept)
             if ctx.has_shift:
                 sum_dy_y = sum_dy_y - shift.float() * sum_dy
             grad_scale = sum_dy_y / scale.float()
@@ -220,13 +216,11 @@ class _FrozenOpSSF(torch.autograd.Function):
                 stride, padding, dilation, groups = ctx.conv_args
                 grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation, groups)
         grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift else None
-        return grad_x, None, None, grad_scale.to(scale.dtype), grad_shift, None, None, None, None
+        return grad_x, None, None, grad_scale.to(scale.dtype), grad_shift, None, None, None
 
 
-def _grad_sums(op: str, fused: bool, dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ dy, Σ dy ⊙ other)`` per output channel, in fp32: one fused pass for a Linear (channels last)."""
-    if op == "linear" and fused:
-        return column_sums(dy, other)
+def _grad_sums(op: str, dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ dy, Σ dy ⊙ other)`` per output channel, in fp32."""
     dims = [d for d in range(dy.ndim) if d != (dy.ndim - 1 if op == "linear" else 1)]
     return dy.sum(dims, dtype=torch.float32), (dy * other).sum(dims, dtype=torch.float32)
 

@@ -241,14 +241,13 @@ def test_backbone_errors():
         MultiTaskSSF(NoSites())
 
 
-@pytest.mark.parametrize(("keep_input", "fused_sums"), [(None, False), (True, False), (False, False), (None, True)])
+@pytest.mark.parametrize("keep_input", [None, True, False])
 @pytest.mark.parametrize("family", ["vit", "convnext", "resnet", "swin"])
-def test_fast_path_matches_eager_outputs_and_gradients(family, keep_input, fused_sums):
+def test_fast_path_matches_eager_outputs_and_gradients(family, keep_input):
     """The fused single-task path (used on GPU) computes the same values and gradients as the eager path.
 
     ``keep_input``: None keeps each site's own choice (ViT's ``proj`` keeps its input); True/False force
-    every site to recompute ``z`` from its input, or to read it off its output. ``fused_sums`` takes the
-    column-sums route (torch's fallback here; the kernel itself is checked in ``test_grad_sums.py``).
+    every site to recompute ``z`` from its input, or to read it off its output.
     """
     results = {}
     for fast in (False, True):
@@ -256,8 +255,6 @@ def test_fast_path_matches_eager_outputs_and_gradients(family, keep_input, fused
         model.set_fast_path(fast)
         for site in model.sites if keep_input is not None else ():
             site.keep_input = keep_input
-        for site in model.sites:
-            site.fused_sums = fused_sums
         images = make_images(family).requires_grad_(True)
         model.train()
         logits = model(images, "a")[:, :5]
