@@ -68,7 +68,8 @@ def test_fold_on_gpu_fp32_is_exact():
 
 
 def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path):
-    """The product path on the GPU: `task add --device cuda` (bf16, fused SSF) and `predict --compile`."""
+    """The product path on the GPU: `task add --device cuda` (bf16, fused SSF), `predict --compile`, and a mixed
+    two-task `predict --precision bf16` (which takes the attention kernel)."""
     pytest.importorskip("sqlalchemy")
     import numpy as np
     from PIL import Image
@@ -131,6 +132,22 @@ def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path):
     correct = sum(r["label"] == Path(r["path"]).parent.name for r in eager)
     assert correct >= 10, correct  # 12 test images of 3 well-separated colours
 
+    # A second task, and a manifest that mixes the two in every batch.
+    ok("task", "add", "colours2", "--backbone", "tv", "--data", tmp_path / "data", "--epochs", "1", "--device", "cuda")
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("path,task\n" + "".join(f"{p},{('colours', 'colours2')[i % 2]}\n" for i, p in enumerate(images)))
+    for precision in ("fp32", "bf16"):
+        args = ("--device", "cuda", "--batch-size", "6", "--no-compile", "--precision", precision)
+        ok("predict", mixed, "--out", tmp_path / f"{precision}.csv", *args)
+    fp32, bf16 = (list(csv.DictReader(open(tmp_path / f"{p}.csv"))) for p in ("fp32", "bf16"))
+    assert [r["task"] for r in bf16] == [r["task"] for r in fp32] == [("colours", "colours2")[i % 2] for i in range(12)]
+    assert_close(
+        torch.tensor([float(r["score"]) for r in bf16]),
+        torch.tensor([float(r["score"]) for r in fp32]),
+        atol=3e-2,
+        rtol=0,
+    )
+
 
 @pytest.mark.parametrize(("tokens", "heads", "head_dim"), [(197, 6, 64), (50, 4, 32), (17, 2, 128)])
 def test_mixed_attention_kernel_matches_ssf_then_attention(tokens, heads, head_dim):
@@ -147,6 +164,25 @@ def test_mixed_attention_kernel_matches_ssf_then_attention(tokens, heads, head_d
     assert result.shape == expected.shape and torch.isfinite(result).all()
     error = (result.double() - expected).norm() / expected.norm()
     assert error < 1e-2, error
+
+
+def test_attention_kernel_takes_pointer_loads_where_tma_cannot_and_both_are_right():
+    from ssf_tasks.mixed_attention import mixed_ssf_attention, mixed_ssf_attention_reference, tma_available
+
+    torch.manual_seed(1)
+    heads, head_dim, tokens = 4, 32, 50
+    width = 3 * heads * head_dim
+    storage = torch.randn(3 * tokens * width + 1, device="cuda", dtype=torch.bfloat16)
+    aligned, misaligned = storage[:-1].view(3, tokens, width), storage[1:].view(3, tokens, width)
+    assert tma_available(aligned) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert not tma_available(misaligned)  # its start is 2 bytes past a 16-byte boundary
+    scale, shift = 1 + 0.3 * torch.randn(4, width, device="cuda"), torch.randn(4, width, device="cuda")
+    tasks = torch.tensor([3, 0, 3], device="cuda")
+    for qkv in (aligned, misaligned):
+        expected = mixed_ssf_attention_reference(qkv.double(), scale.double(), shift.double(), tasks, heads)
+        result = mixed_ssf_attention(qkv, scale.to(torch.bfloat16), shift.to(torch.bfloat16), tasks, heads)
+        error = (result.double() - expected).norm() / expected.norm()
+        assert error < 1e-2, error
 
 
 @pytest.mark.parametrize("autocast", [False, True])
