@@ -2,9 +2,10 @@
 
 One ViT-B attention at batch 256: SDPA on raw q/k/v (what the plain backbone runs), the qkv SSF as its own
 pass followed by SDPA (what the compiled mixed forward runs without the kernel), and the Triton kernel at several
-tile shapes, with pointer loads and (on Hopper) TMA descriptor loads, each checked against an fp32 reference.
+tile shapes (the partial last key block short or padded to a whole block), with pointer loads and (on Hopper)
+TMA descriptor loads, each checked against an fp32 reference.
 Needs a CUDA GPU and Triton.
-Results: examples/bench_results/attention_kernel_h100.txt.
+Results: examples/bench_results/attention_kernel_*_h100.txt.
 
     PYTHONPATH=. python examples/bench_attention_kernel.py
 """
@@ -18,13 +19,12 @@ from triton.testing import do_bench
 
 from ssf_tasks import mixed_attention
 
-TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    (64, 32, 4, 3),
-    (64, 32, 4, 2),
-    (64, 64, 4, 3),
-    (128, 32, 4, 3),
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
+TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, short_tail)
+    (64, 32, 4, 3, False),
+    (64, 32, 4, 3, True),
+    (64, 64, 4, 3, False),
+    (64, 64, 4, 3, True),
+    (128, 32, 4, 3, True),
 ]
 
 
@@ -56,8 +56,8 @@ def main(batch: int = 256, tokens: int = 197, heads: int = 12, head_dim: int = 6
         flush=True,
     )
     loads = ["pointer", "tma"] if mixed_attention.tma_available(qkv) else ["pointer"]
-    for load, (block_m, block_n, warps, stages) in [(load, tile) for load in loads for tile in TILES]:
-        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    for load, (block_m, block_n, warps, stages, short) in [(ld, tile) for ld in loads for tile in TILES]:
+        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "short_tail": short}
         out = torch.full((batch, tokens, heads * head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
 
         def run(config=config, out=out, tma=load == "tma"):

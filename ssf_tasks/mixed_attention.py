@@ -98,6 +98,7 @@ if triton is not None:
         qkv_ptr,
         q_desc,
         kv_desc,
+        kv_tail_desc,
         out_ptr,
         out_desc,
         scale_ptr,
@@ -110,6 +111,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        TAIL_N: tl.constexpr,
         TMA: tl.constexpr,
     ):
         # One program per (sample, head, block of queries); a head's query blocks run side by side (L2 reuse).
@@ -140,17 +142,17 @@ if triton is not None:
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        # Whole key blocks first, without masks; then the partial last block, if any.
+        # Whole key blocks first, without masks; then the partial last block, if any, as a block of TAIL_N keys.
         full_end = (tokens // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _attend(
                 acc, l_i, m_i, q, base, kv_desc, sample, start_n, k_col, v_col, tokens, width,
                 BLOCK_N, HEAD_DIM, TMA, False,
             )  # fmt: skip
-        if full_end < tokens:
+        if TAIL_N > 0:
             acc, l_i, m_i = _attend(
-                acc, l_i, m_i, q, base, kv_desc, sample, full_end, k_col, v_col, tokens, width,
-                BLOCK_N, HEAD_DIM, TMA, True,
+                acc, l_i, m_i, q, base, kv_tail_desc, sample, full_end, k_col, v_col, tokens, width,
+                TAIL_N, HEAD_DIM, TMA, True,
             )  # fmt: skip
 
         out = ((acc / l_i[:, None]) * v_mul[None, :] + v_add[None, :]).to(out_ptr.dtype.element_ty)
@@ -164,8 +166,17 @@ if triton is not None:
 
 
 # Chosen on an H100 for ViT-B (197 tokens, 12 heads of 64), with TMA loads and with pointer loads alike; see
-# BENCHMARKS.md.
-_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+# BENCHMARKS.md. ``short_tail``: the partial last block of keys (5 of 197) is a block of its own size rounded up to
+# a power of two (at least 16) instead of a whole ``BLOCK_N``.
+_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "short_tail": True}
+
+
+def _tail_keys(tokens: int, config: dict) -> int:
+    """Keys in the block that holds the partial last block of keys; 0 when there is none."""
+    block, remainder = config["BLOCK_N"], tokens % config["BLOCK_N"]
+    if remainder == 0 or not config.get("short_tail", False):
+        return block if remainder else 0
+    return min(block, max(16, triton.next_power_of_2(remainder)))
 
 
 def tma_available(x: torch.Tensor) -> bool:
@@ -184,16 +195,21 @@ def tma_available(x: torch.Tensor) -> bool:
 def _launch(qkv, scale_table, shift_table, task_rows, out, num_heads, config, tma: bool) -> None:
     batch, tokens, width = qkv.shape
     head_dim = width // (3 * num_heads)
-    q_desc = kv_desc = out_desc = None
+    tail_keys = _tail_keys(tokens, config)
+    q_desc = kv_desc = kv_tail_desc = out_desc = None
     if tma:  # 3-D descriptors: a block never runs into the next sample's rows
-        q_desc = TensorDescriptor(qkv, list(qkv.shape), list(qkv.stride()), [1, config["BLOCK_M"], head_dim])
-        kv_desc = TensorDescriptor(qkv, list(qkv.shape), list(qkv.stride()), [1, config["BLOCK_N"], head_dim])
-        out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, config["BLOCK_M"], head_dim])
+
+        def descriptor(tensor, rows):
+            return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), [1, rows, head_dim])
+
+        q_desc, out_desc = descriptor(qkv, config["BLOCK_M"]), descriptor(out, config["BLOCK_M"])
+        kv_desc, kv_tail_desc = descriptor(qkv, config["BLOCK_N"]), descriptor(qkv, tail_keys or config["BLOCK_N"])
     grid = (triton.cdiv(tokens, config["BLOCK_M"]) * batch * num_heads,)  # 1-D: a 2-D grid's y axis caps at 65535
     _mixed_ssf_attention_kernel[grid](
         qkv,
         q_desc,
         kv_desc,
+        kv_tail_desc,
         out,
         out_desc,
         scale_table,
@@ -206,6 +222,7 @@ def _launch(qkv, scale_table, shift_table, task_rows, out, num_heads, config, tm
         HEAD_DIM=head_dim,
         BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"],
+        TAIL_N=tail_keys,
         TMA=tma,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],

@@ -18,7 +18,7 @@ from ssf_tasks.mixed_attention import _CONFIG, _launch, mixed_ssf_attention, mix
 
 torch.manual_seed(0)
 errors = {}
-for batch, tokens, heads, head_dim in [(3, 40, 2, 16), (2, 13, 1, 32), (4, 70, 2, 16)]:
+for batch, tokens, heads, head_dim in [(3, 40, 2, 16), (2, 13, 1, 32), (4, 70, 2, 16), (2, 197, 1, 16)]:
     width = 3 * heads * head_dim
     qkv = torch.randn(batch, tokens, width).half()
     scale = 1 + 0.3 * torch.randn(6, width)
@@ -27,16 +27,18 @@ for batch, tokens, heads, head_dim in [(3, 40, 2, 16), (2, 13, 1, 32), (4, 70, 2
     expected = mixed_ssf_attention_reference(qkv.double(), scale.double(), shift.double(), rows, heads)
     result = mixed_ssf_attention(qkv, scale, shift, rows, heads)  # the public op, given strided task rows
     errors[f"{batch}x{tokens}x{heads}x{head_dim}"] = float((result.double() - expected).norm() / expected.norm())
-    for tma in (False, True):  # pointer loads, and Hopper's descriptor loads (which the interpreter emulates)
+    # pointer loads, and Hopper's descriptor loads (which the interpreter emulates); the partial last key block
+    # short or padded to a whole block
+    for tma, short_tail in [(False, True), (True, True), (False, False), (True, False)]:
         result = torch.full((batch, tokens, heads * head_dim), float("nan")).half()
-        _launch(qkv, scale, shift, rows.contiguous(), result, heads, _CONFIG, tma)
+        _launch(qkv, scale, shift, rows.contiguous(), result, heads, {**_CONFIG, "short_tail": short_tail}, tma)
         error = float((result.double() - expected).norm() / expected.norm())
-        errors[f"{batch}x{tokens}x{heads}x{head_dim} tma={tma}"] = error
+        errors[f"{batch}x{tokens}x{heads}x{head_dim} tma={tma} short_tail={short_tail}"] = error
 print(json.dumps(errors))
 """
 
 
 def test_kernel_matches_ssf_then_attention_in_the_interpreter():
     errors = run_in_triton_interpreter(CHECK)
-    assert len(errors) == 9
+    assert len(errors) == 20
     assert all(error < 2e-3 for error in errors.values()), errors  # fp16 inputs against an fp64 reference
