@@ -165,16 +165,17 @@ if triton is not None:
             tl.store(out_ptrs, out, mask=rows[:, None] < tokens)
 
 
-# Chosen on an H100 for ViT-B (197 tokens, 12 heads of 64), with TMA loads and with pointer loads alike; see
-# BENCHMARKS.md. ``short_tail``: the partial last block of keys (5 of 197) is a block of its own size rounded up to
-# a power of two (at least 16) instead of a whole ``BLOCK_N``.
+# Chosen on H100s for ViT-B (197 tokens, 12 heads of 64): the fastest tile with TMA loads, and among the fastest with
+# pointer loads, whose best tile varied between machines; see BENCHMARKS.md. ``short_tail``: the partial last block
+# of keys (5 of 197) is a block of its own, shorter than a whole ``BLOCK_N`` (13 µs faster at batch 256).
 _CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "short_tail": True}
 
 
 def _tail_keys(tokens: int, config: dict) -> int:
-    """Keys in the block that holds the partial last block of keys; 0 when there is none."""
+    """Height of the last key block: 0 when ``BLOCK_N`` divides the tokens; else, with ``short_tail``, the leftover
+    keys rounded up to a power of two (``tl.arange``) and to at least 16 (``tl.dot``'s minimum), or a whole block."""
     block, remainder = config["BLOCK_N"], tokens % config["BLOCK_N"]
-    if remainder == 0 or not config.get("short_tail", False):
+    if remainder == 0 or not config["short_tail"]:
         return block if remainder else 0
     return min(block, max(16, triton.next_power_of_2(remainder)))
 
@@ -203,7 +204,8 @@ def _launch(qkv, scale_table, shift_table, task_rows, out, num_heads, config, tm
             return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), [1, rows, head_dim])
 
         q_desc, out_desc = descriptor(qkv, config["BLOCK_M"]), descriptor(out, config["BLOCK_M"])
-        kv_desc, kv_tail_desc = descriptor(qkv, config["BLOCK_N"]), descriptor(qkv, tail_keys or config["BLOCK_N"])
+        kv_desc = descriptor(qkv, config["BLOCK_N"])
+        kv_tail_desc = descriptor(qkv, tail_keys) if tail_keys not in (0, config["BLOCK_N"]) else kv_desc
     grid = (triton.cdiv(tokens, config["BLOCK_M"]) * batch * num_heads,)  # 1-D: a 2-D grid's y axis caps at 65535
     _mixed_ssf_attention_kernel[grid](
         qkv,

@@ -67,7 +67,7 @@ def test_fold_on_gpu_fp32_is_exact():
     assert fold_error(model, "t5", images) <= 1e-5
 
 
-def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path):
+def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path, monkeypatch):
     """The product path on the GPU: `task add --device cuda` (bf16, fused SSF), `predict --compile`, and a mixed
     two-task `predict --precision bf16` (which takes the attention kernel)."""
     pytest.importorskip("sqlalchemy")
@@ -136,9 +136,19 @@ def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path):
     ok("task", "add", "colours2", "--backbone", "tv", "--data", tmp_path / "data", "--epochs", "1", "--device", "cuda")
     mixed = tmp_path / "mixed.csv"
     mixed.write_text("path,task\n" + "".join(f"{p},{('colours', 'colours2')[i % 2]}\n" for i, p in enumerate(images)))
+    from ssf_tasks import mixed_attention
+
+    kernel_calls, kernel = {"fp32": 0, "bf16": 0}, mixed_attention.mixed_ssf_attention
     for precision in ("fp32", "bf16"):
+
+        def counted(*args, precision=precision):
+            kernel_calls[precision] += 1
+            return kernel(*args)
+
+        monkeypatch.setattr(mixed_attention, "mixed_ssf_attention", counted)
         args = ("--device", "cuda", "--batch-size", "6", "--no-compile", "--precision", precision)
         ok("predict", mixed, "--out", tmp_path / f"{precision}.csv", *args)
+    assert kernel_calls["fp32"] == 0 and kernel_calls["bf16"] > 0, kernel_calls  # the kernel takes half floats only
     fp32, bf16 = (list(csv.DictReader(open(tmp_path / f"{p}.csv"))) for p in ("fp32", "bf16"))
     assert [r["task"] for r in bf16] == [r["task"] for r in fp32] == [("colours", "colours2")[i % 2] for i in range(12)]
     assert_close(
@@ -167,14 +177,19 @@ def test_mixed_attention_kernel_matches_ssf_then_attention(tokens, heads, head_d
 
 
 def test_attention_kernel_takes_pointer_loads_where_tma_cannot_and_both_are_right():
-    from ssf_tasks.mixed_attention import mixed_ssf_attention, mixed_ssf_attention_reference, tma_available
+    from ssf_tasks.mixed_attention import (
+        TensorDescriptor,
+        mixed_ssf_attention,
+        mixed_ssf_attention_reference,
+        tma_available,
+    )
 
     torch.manual_seed(1)
     heads, head_dim, tokens = 4, 32, 50
     width = 3 * heads * head_dim
     storage = torch.randn(3 * tokens * width + 1, device="cuda", dtype=torch.bfloat16)
     aligned, misaligned = storage[:-1].view(3, tokens, width), storage[1:].view(3, tokens, width)
-    assert tma_available(aligned) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert tma_available(aligned) == (TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9)
     assert not tma_available(misaligned)  # its start is 2 bytes past a 16-byte boundary
     scale, shift = 1 + 0.3 * torch.randn(4, width, device="cuda"), torch.randn(4, width, device="cuda")
     tasks = torch.tensor([3, 0, 3], device="cuda")

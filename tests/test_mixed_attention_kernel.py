@@ -18,7 +18,8 @@ from ssf_tasks.mixed_attention import _CONFIG, _launch, mixed_ssf_attention, mix
 
 torch.manual_seed(0)
 errors = {}
-for batch, tokens, heads, head_dim in [(3, 40, 2, 16), (2, 13, 1, 32), (4, 70, 2, 16), (2, 197, 1, 16)]:
+shapes = [(3, 40, 2, 16), (2, 13, 1, 32), (4, 70, 2, 16), (2, 197, 1, 16), (2, 64, 1, 16), (2, 50, 2, 16)]
+for batch, tokens, heads, head_dim in shapes:  # last key blocks of 16 keys, none, and 32
     width = 3 * heads * head_dim
     qkv = torch.randn(batch, tokens, width).half()
     scale = 1 + 0.3 * torch.randn(6, width)
@@ -40,5 +41,16 @@ print(json.dumps(errors))
 
 def test_kernel_matches_ssf_then_attention_in_the_interpreter():
     errors = run_in_triton_interpreter(CHECK)
-    assert len(errors) == 20
+    assert len(errors) == 30
     assert all(error < 2e-3 for error in errors.values()), errors  # fp16 inputs against an fp64 reference
+
+
+@pytest.mark.parametrize(
+    ("tokens", "short_tail", "keys"),
+    [(197, True, 16), (64, True, 0), (50, True, 32), (13, True, 16), (197, False, 32), (64, False, 0)],
+)
+def test_last_key_block_is_as_short_as_the_kernel_allows(tokens, short_tail, keys):
+    from ssf_tasks.mixed_attention import _CONFIG, _tail_keys
+
+    assert _CONFIG["BLOCK_N"] == 32 and _CONFIG["short_tail"]
+    assert _tail_keys(tokens, {**_CONFIG, "short_tail": short_tail}) == keys
