@@ -124,7 +124,7 @@ def predict_command(
         ),
     ] = None,
     precision: Annotated[
-        Literal["fp32", "bf16"],
+        service.Precision,
         typer.Option("--precision", help="fp32, or bf16 autocast (scores differ by about 1e-2)."),
     ] = "fp32",
 ) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import safetensors
 import safetensors.torch
@@ -82,13 +82,15 @@ __all__ = [
     "train_and_store",
     "write_predictions",
     "PRECISIONS",
+    "Precision",
 ]
 
 COMPILE_MIN_BATCHES = 8
 """``predict`` compiles automatically (on CUDA) from this many batches in one group."""
 
-PRECISIONS = ("fp32", "bf16")
+Precision = Literal["fp32", "bf16"]
 """``predict``'s forward precisions: fp32, or bf16 autocast."""
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 TASK_FILE_METADATA_KEY = "ssf_tasks"
 """Key of the task's JSON record (a :class:`~ssf_tasks.config.TaskFile`) in a task file's safetensors metadata."""
@@ -496,7 +498,7 @@ def predict(
     top_k: int = 1,
     source: str = "manifest",
     compile: bool | None = None,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Precision = "fp32",
 ) -> list[Prediction]:
     """Predict every ``(image, task)`` item, mixing tasks freely within each batch.
 
