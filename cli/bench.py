@@ -65,6 +65,7 @@ def training(
     model: Model = "vit_base_patch16_224",
     peft: Annotated[bool, typer.Option(help="include PEFT LoRA r=8")] = True,
     profile: Annotated[bool, typer.Option(help="print each variant's top CUDA kernels")] = False,
+    mode: Annotated[str | None, typer.Option(help="torch.compile mode for every compiled variant")] = None,
     repeats: Repeats = 20,
     out: Out = None,
 ) -> None:
@@ -75,6 +76,7 @@ def training(
             *_common(model, repeats, out),
             *([] if peft else ["--no-peft"]),
             *(["--profile"] if profile else []),
+            *(["--mode", mode] if mode else []),
         ]
     )
 

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from .graphed import GraphedForward
 from .model import MultiTaskSSF
 
-__all__ = ["bench_inference", "bench_training", "bench_fold", "main"]
+__all__ = ["bench_inference", "bench_training", "bench_fold", "main", "ssf_training_variant"]
 
 Row = dict[str, Any]
 
@@ -61,8 +61,12 @@ def _print_profile(fn: Callable[[], Any], label: str = "") -> None:
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-    print(f"--- profile: {label}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+    averages = prof.key_averages()
+    kernel_ms = sum(a.self_device_time_total for a in averages) / 3000.0
+    launches = sum(a.count for a in averages) / 3
+    # Kernel time below the wall-clock time of a call means the GPU waited (for launches from the host).
+    print(f"--- profile: {label}: {kernel_ms:.2f} ms of kernels and {launches:.0f} kernels per call")
+    print(averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
 
 
 def _graph_breaks() -> int:
@@ -256,8 +260,13 @@ def bench_training(
     only: tuple[str, ...] = (),
     memory_budgets: tuple[float, ...] = (0.5, 0.2),
     rounds: int = 5,
+    compile_mode: str | None = None,
 ) -> list[Row]:
-    """One AdamW step (bf16 autocast): full fine-tuning, linear probe, LoRA r=8, ssf-tasks SSF."""
+    """One AdamW step (bf16 autocast): full fine-tuning, linear probe, LoRA r=8, ssf-tasks SSF.
+
+    ``compile_mode`` is given to ``torch.compile`` for every compiled variant alike (``reduce-overhead``: the
+    forward and backward replayed as CUDA graphs, which removes the host's launch time from every variant).
+    """
     rows: list[Row] = []
     size = timm.get_pretrained_cfg(model_name).input_size[1]
     images = torch.randn(batch, 3, size, size, device="cuda")
@@ -298,17 +307,7 @@ def bench_training(
         return (lambda x: model(x)), [p for p in model.parameters() if p.requires_grad], model
 
     def ssf(fast: bool):
-        def make():
-            backbone = timm.create_model(model_name, num_classes=0).cuda()
-            model = MultiTaskSSF(backbone)
-            model.add_task("task", classes)
-            model.set_fast_path(None if fast else False)
-            context = model.isolate_tasks(["task"])
-            params = context.__enter__()  # the run is thrown away: no need to write rows back
-            model.train()
-            return (lambda x: model(x, "task")), params, model
-
-        return make
+        return lambda: ssf_training_variant(model_name, classes, fast=fast)
 
     variants: list[tuple[str, Callable]] = [
         ("full fine-tuning", full_ft),
@@ -343,19 +342,26 @@ def bench_training(
                 budgeted if compiled else []
             ):
                 row = {"bench": "training", "model": model_name, "batch": batch, "compiled": compiled, "variant": label}
+                if compiled:
+                    row["mode"] = compile_mode or "default"
                 patch = {} if budget is None else {"activation_memory_budget": budget}
                 try:
                     with functorch_config.patch(**patch):
-                        step, peak = _build_training_step(make, compiled, images, labels, classes, warmup)
+                        step, peak, extra = _build_training_step(
+                            make, compile_mode if compiled else False, images, labels, classes, warmup
+                        )
                 except Exception as failure:  # one variant failing must not lose the others
                     _report(rows, {**row, "failed": f"{type(failure).__name__}: {failure}"[:300]})
                     continue
                 if profile:
                     _print_profile(step, label)
-                built.append(({**row, "peak_gib": peak}, step))
+                built.append(({**row, "peak_gib": peak, **extra}, step))
                 # Building (compiling) takes about a minute per variant: show progress, so a run cut short by a
                 # time limit still tells which variants built and their memory.
-                print(json.dumps({"built": label, "peak_gib": peak, "seconds": time.time() - started}), flush=True)
+                print(
+                    json.dumps({"built": label, "peak_gib": peak, **extra, "seconds": time.time() - started}),
+                    flush=True,
+                )
         samples: list[list[float]] = [[] for _ in built]
         for _ in range(rounds):
             for times, (_, step) in zip(samples, built, strict=True):
@@ -371,19 +377,44 @@ def bench_training(
     return rows
 
 
-def _build_training_step(make, compiled, images, labels, classes, warmup) -> tuple[Callable[[], Any], float]:
-    """Build one variant's AdamW step, warm it up (compiling it) and measure its own peak memory in GiB."""
+def ssf_training_variant(
+    model_name: str, classes: int, *, fast: bool, device: str = "cuda"
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Parameter], MultiTaskSSF]:
+    """The SSF training step's model: ``(forward, parameters to optimise, model)``.
+
+    The model holds one task, so its trainable parameters are exactly that task's γ/β rows and head, as
+    ``isolate_tasks`` gives the trainer. (Entering ``isolate_tasks`` by hand here would be wrong: its context
+    object, once garbage, restores the full tables at once, and the optimiser would hold tables the model no
+    longer uses.)
+    """
+    model = MultiTaskSSF(timm.create_model(model_name, num_classes=0).to(device))
+    model.add_task("task", classes)
+    model.set_fast_path(None if fast else False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (lambda x: model(x, "task")), params, model
+
+
+def _build_training_step(make, compiled, images, labels, classes, warmup) -> tuple[Callable[[], Any], float, Row]:
+    """Build one variant's AdamW step, warm it up (compiling it) and measure its own peak memory in GiB.
+
+    ``compiled``: False for eager, else the ``torch.compile`` mode (None for the default mode). The extra row
+    fields hold an SSF fast path's relative error against the eager path.
+    """
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()  # the variants built before this one stay alive
-    forward, params, _holder = make()  # the forward's closure keeps the variant's modules alive
-    if compiled:
+    forward, params, holder = make()  # the forward's closure keeps the variant's modules alive
+    if compiled is not False:
         # A fresh code object per variant: dynamo caches graphs on the code object, and variants built by one
         # factory (the SSF ones differ only in the partitioner's memory budget) would otherwise share a graph.
         code = forward.__code__.replace()
         forward = types.FunctionType(
             code, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__
         )
-        forward = torch.compile(forward, dynamic=False)
+        forward = torch.compile(forward, dynamic=False, mode=compiled)
+    extra: Row = {}
+    if isinstance(holder, MultiTaskSSF) and (compiled is not False or holder.sites[0].fast_path is not False):
+        extra["rel_err"] = _ssf_training_error(forward, params, holder, images, labels, classes)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
 
     def step():
@@ -402,7 +433,28 @@ def _build_training_step(make, compiled, images, labels, classes, warmup) -> tup
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    return step, (torch.cuda.max_memory_allocated() - baseline) / 2**30
+    return step, (torch.cuda.max_memory_allocated() - baseline) / 2**30, extra
+
+
+def _ssf_training_error(forward, params, model: MultiTaskSSF, images, labels, classes) -> float:
+    """A fast SSF step's largest relative error, over its logits and every gradient, against the eager path."""
+
+    def logits_and_gradients(fn: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fn(images)
+        F.cross_entropy(logits.float()[:, :classes], labels).backward()
+        values = [logits.detach().float(), *(p.grad.float() for p in params)]
+        for p in params:
+            p.grad = None
+        return values
+
+    settings = [site.fast_path for site in model.sites]
+    model.set_fast_path(False)
+    reference = logits_and_gradients(lambda x: model(x, "task"))
+    for site, setting in zip(model.sites, settings, strict=True):
+        site.fast_path = setting
+    result = logits_and_gradients(forward)
+    return max(_rel_error(a, b) for a, b in zip(result, reference, strict=True))
 
 
 @torch.inference_mode()
@@ -463,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], help="training variants whose label contains one of these")
     parser.add_argument("--eager-only", action="store_true", help="training: skip torch.compile")
     parser.add_argument("--compiled-only", action="store_true", help="training: skip eager")
-    parser.add_argument("--mode", default=None, help="inference: torch.compile mode for every batch size")
+    parser.add_argument(
+        "--mode", default=None, help="torch.compile mode: inference, every batch size; training, every compiled variant"
+    )
     parser.add_argument("--batches", type=int, nargs="*", default=[256, 8, 1], help="inference batch sizes")
     parser.add_argument("--tasks", type=int, nargs="*", default=[1, 1000, 10000], help="scale: tasks resident")
     parser.add_argument("--no-loop", action="store_true", help="inference: skip the loop-over-tasks baseline")
@@ -506,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile=args.profile,
                 only=tuple(args.only),
                 compile_modes=modes,
+                compile_mode=args.mode,
             )
         elif which == "fold":
             rows += bench_fold(args.model, repeats=args.repeats)

@@ -1,0 +1,32 @@
+"""The benchmarks' own set-up, checked on CPU (the timings themselves need a GPU: see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from ssf_tasks.bench import _ssf_training_error, ssf_training_variant
+
+pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # the bench's autocast is CUDA's
+
+
+def test_ssf_training_step_optimises_the_parameters_the_model_uses():
+    forward, params, model = ssf_training_variant("test_vit", 3, fast=False, device="cpu")
+    F.cross_entropy(forward(torch.randn(2, 3, 160, 160))[:, :3], torch.tensor([0, 2])).backward()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(p) for p in trainable}
+    assert len(params) == 2 * len(model.sites) - sum(s.ssf_shift is None for s in model.sites) + 2
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if "ssf_" not in n)
+
+
+def test_training_error_compares_the_fused_path_with_the_eager_path():
+    forward, params, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu")
+    model.set_fast_path(True)  # the fused path, forced on CPU
+    images, labels = torch.randn(2, 3, 160, 160), torch.tensor([0, 2])
+
+    assert _ssf_training_error(forward, params, model, images, labels, 3) < 1e-4
+    assert all(site.fast_path is True for site in model.sites)  # the setting is given back
+    assert _ssf_training_error(lambda x: forward(x) * 1.01, params, model, images, labels, 3) > 5e-3
