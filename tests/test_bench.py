@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from ssf_tasks.bench import _ssf_training_error, ssf_training_variant
+from ssf_tasks.ssf import SSFLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # the bench's autocast is CUDA's
 
@@ -22,11 +23,19 @@ def test_ssf_training_step_optimises_the_parameters_the_model_uses():
     assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if "ssf_" not in n)
 
 
-def test_training_error_compares_the_fused_path_with_the_eager_path():
+def test_training_error_compares_the_fused_path_with_the_eager_path(monkeypatch):
     forward, params, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu")
-    model.set_fast_path(True)  # the fused path, forced on CPU
+    settings = [True] * len(model.sites)
+    settings[0] = None  # a mixed setting, to see that each site gets its own back
+    for site, setting in zip(model.sites, settings, strict=True):
+        site.fast_path = setting
     images, labels = torch.randn(2, 3, 160, 160), torch.tensor([0, 2])
 
     assert _ssf_training_error(forward, params, model, images, labels, 3) < 1e-4
-    assert all(site.fast_path is True for site in model.sites)  # the setting is given back
+    assert [site.fast_path for site in model.sites] == settings
+    assert all(p.grad is None for p in params)
+    # A wrong step is seen: a wrong result, and a wrong fused path (so the reference must be the eager path).
     assert _ssf_training_error(lambda x: forward(x) * 1.01, params, model, images, labels, 3) > 5e-3
+    fused = SSFLayer._fast_forward
+    monkeypatch.setattr(SSFLayer, "_fast_forward", lambda self, x, index: fused(self, x, index) * 1.01)
+    assert _ssf_training_error(forward, params, model, images, labels, 3) > 5e-3

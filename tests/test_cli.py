@@ -463,3 +463,15 @@ def test_bf16_predict_scores_match_fp32_within_rounding(url, workdir, tmp_path):
             assert abs(bf16[label] - score) < 0.03, (label, bf16[label], score)
     differences = [abs(b[k] - f[k]) for b, f in zip(scores["bf16"], scores["fp32"], strict=True) for k in f]
     assert max(differences) > 0  # bf16 really ran: its rounding shows in the scores
+
+
+def test_bench_training_passes_its_options_to_the_benchmark(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("ssf_tasks.bench.main", lambda argv: seen.append(argv) or 0)
+    args = ["bench", "training", "--mode", "reduce-overhead", "--no-peft", "--repeats", "5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [
+        ["training", "--model", "vit_base_patch16_224", "--repeats", "5", "--no-peft", "--mode", "reduce-overhead"]
+    ]
