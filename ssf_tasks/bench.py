@@ -453,7 +453,8 @@ def _ssf_training_error(forward, params, model: MultiTaskSSF, images, labels, cl
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = fn(images)
             F.cross_entropy(logits.float()[:, :classes], labels).backward()
-            return [logits.detach().float(), *(p.grad.float() for p in params)]
+            # Copies: under CUDA graphs these tensors live in the graphs' memory, which the next replay reuses.
+            return [logits.detach().float().clone(), *(p.grad.float().clone() for p in params)]
         finally:
             for p in params:
                 p.grad = None
