@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import FoldError
 from .mixed_attention import restore_timm_attention
+from .ssf import fold_bias, fold_rows
 
 if TYPE_CHECKING:
     from .model import MultiTaskSSF
@@ -44,11 +45,9 @@ def fold_task(model: MultiTaskSSF, name: str) -> nn.Module:
             shift = site.ssf_shift[t].detach() if site.ssf_shift is not None else None
             if not torch.isfinite(scale).all() or (shift is not None and not torch.isfinite(shift).all()):
                 raise FoldError(f"task {name!r} has non-finite γ/β at site {site_name!r}; it cannot be folded")
-            weight = base.weight
-            rows = scale.double().view(-1, *([1] * (weight.ndim - 1)))
-            weight.copy_((weight.double() * rows).to(weight.dtype))
+            base.weight.copy_(fold_rows(base.weight.double(), scale).to(base.weight.dtype))
             if shift is not None:
-                base.bias.copy_((base.bias.double() * scale.double() + shift.double()).to(base.bias.dtype))
+                base.bias.copy_(fold_bias(base.bias.double(), scale, shift).to(base.bias.dtype))
             folded.set_submodule(site_name, base)
     k = model.num_classes(name)
     head_w, head_b = model.head_weight[t, :k].detach(), model.head_bias[t, :k].detach()

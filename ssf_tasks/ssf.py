@@ -177,10 +177,8 @@ class _FrozenOpSSF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, op, keep_input, conv_args):
-        folded_bias = None
-        if bias is not None:
-            folded_bias = bias * scale.to(bias.dtype) + (shift.to(bias.dtype) if shift is not None else 0.0)
-        y = _run_op(op, conv_args, x, _fold_rows(weight, scale), folded_bias)
+        folded_bias = fold_bias(bias, scale, shift) if bias is not None else None
+        y = _run_op(op, conv_args, x, fold_rows(weight, scale), folded_bias)
         ctx.op, ctx.keep_input = op, keep_input
         ctx.conv_args, ctx.x_shape = conv_args, x.shape
         ctx.has_shift, ctx.has_bias = shift is not None, bias is not None
@@ -209,7 +207,7 @@ class _FrozenOpSSF(torch.autograd.Function):
             grad_scale = sum_dy_y / scale.float()
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = _fold_rows(weight, scale).to(dy.dtype)
+            w = fold_rows(weight, scale).to(dy.dtype)
             if ctx.op == "linear":
                 grad_x = dy @ w
             else:
@@ -232,6 +230,14 @@ def _run_op(op: str, conv_args: tuple | None, x: torch.Tensor, weight: torch.Ten
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-def _fold_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``γ ⊙ W`` along the output channels (rows of a Linear weight, filters of a conv)."""
+def fold_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``γ ⊙ W`` along the output channels (rows of a Linear weight, filters of a conv), in the weight's dtype.
+
+    The folding identity is kept in one place: the fused path applies it on the fly, ``fold_task`` once in fp64.
+    """
     return weight * scale.to(weight.dtype).view(-1, *([1] * (weight.ndim - 1)))
+
+
+def fold_bias(bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``γ ⊙ b + β`` (``γ ⊙ b`` for a scale-only site), in the bias's dtype."""
+    return bias * scale.to(bias.dtype) + (shift.to(bias.dtype) if shift is not None else 0.0)
