@@ -22,6 +22,7 @@ from .errors import (
     StateDictMismatchError,
     TaskNotFoundError,
 )
+from .fused_mlp import adopt_fused_mlp
 from .mixed_attention import MixedTaskAttention, adopt_mixed_attention
 from .sites import find_sites
 from .ssf import SSFLayer, TaskRouting
@@ -69,6 +70,7 @@ class MultiTaskSSF(nn.Module):
             backbone.set_submodule(spec.name, SSFLayer(spec.module, spec.rule, self.routing))
             self.site_names.append(spec.name)
         adopt_mixed_attention(backbone)
+        adopt_fused_mlp(backbone)
         weight = next(iter(backbone.parameters()))
         self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         factory = {"dtype": torch.float32, "device": weight.device}

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import BatchMismatchError, SSFTasksError
+from .fused_mlp import gelu_backward_sums
 from .sites import SiteRule
 
 __all__ = ["SSFLayer", "TaskRouting", "FAST_PATH_AUTO"]
@@ -70,7 +71,7 @@ class SSFLayer(nn.Module):
         return f"channels={self.channels}, channel_axis={self.channel_axis}, {shift}, tasks={self.ssf_scale.shape[0]}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_fast_path(x):
+        if self.uses_fast_path(x):
             return self._fast_forward(x, self.routing.index)
         if self._norm_forward is None:
             return self._scale_shift(self.base_layer(x))
@@ -101,7 +102,7 @@ class SSFLayer(nn.Module):
         return torch.addcmul(shift.to(y.dtype).view(shape), y, scale)
 
     # ------------------------------------------------------------------------------------------- fast path
-    def _use_fast_path(self, x: torch.Tensor) -> bool:
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
         """One task for the whole batch, and an op whose SSF can be fused (see ``_fast_forward``)."""
         if self._fast_kind is None or not isinstance(self.routing.index, int):
             return False
@@ -125,8 +126,18 @@ class SSFLayer(nn.Module):
         if self._fast_kind == "layer_norm":
             bias = base.bias * scale + shift if shift is not None else None
             return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
-        args = (self._fast_kind, self.keep_input, _conv_args(base))
+        args = (self._fast_kind, self.keep_input, _conv_args(base), None)
         return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, *args)
+
+    def fast_forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """``gelu(self(x))`` on the fused path of a Linear site (an MLP's ``fc1``, see ``ssf_tasks.fused_mlp``).
+
+        One op, whose backward runs GELU's backward and this site's two column sums in one pass.
+        """
+        index = self.routing.index
+        base = self.base_layer
+        scale, shift = self.ssf_scale[index], self.ssf_shift[index]
+        return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, "linear", False, None, "gelu")
 
 
 def _fast_kind(base: nn.Module, rule: SiteRule) -> str | None:
@@ -173,13 +184,15 @@ class _FrozenOpSSF(torch.autograd.Function):
     ``dy`` and one saved tensor: ``dx = op_input_grad(dy, W')``, ``dβ = Σ dy`` and ``dγ = Σ dy ⊙ z`` with the
     pre-SSF output ``z``, which is either recomputed from the saved input (``z = op(x)``, one more GEMM) or
     read off the saved output (``z = (y - β) / γ``, so ``dγ = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``: two column sums).
+    With ``activation="gelu"`` the op returns ``gelu(y)`` and its backward starts with GELU's, fused with the
+    two sums (``fused_mlp.gelu_backward_sums``); ``y``, which GELU would keep anyway, is the saved tensor.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, op, keep_input, conv_args):
+    def forward(ctx, x, weight, bias, scale, shift, op, keep_input, conv_args, activation):
         folded_bias = fold_bias(bias, scale, shift) if bias is not None else None
         y = _run_op(op, conv_args, x, fold_rows(weight, scale), folded_bias)
-        ctx.op, ctx.keep_input = op, keep_input
+        ctx.op, ctx.keep_input, ctx.activation = op, keep_input, activation
         ctx.conv_args, ctx.x_shape = conv_args, x.shape
         ctx.has_shift, ctx.has_bias = shift is not None, bias is not None
         # The folded weight is recomputed in backward: saving it would keep a copy of every frozen weight.
@@ -191,7 +204,7 @@ class _FrozenOpSSF(torch.autograd.Function):
             scale,
             shift if shift is not None else missing,
         )
-        return y
+        return F.gelu(y) if activation == "gelu" else y
 
     @staticmethod
     def backward(ctx, dy):
@@ -201,7 +214,10 @@ class _FrozenOpSSF(torch.autograd.Function):
             z = _run_op(ctx.op, ctx.conv_args, kept, weight.to(kept.dtype), z_bias)
             sum_dy, grad_scale = _grad_sums(ctx.op, dy, z)
         else:
-            sum_dy, sum_dy_y = _grad_sums(ctx.op, dy, kept)
+            if ctx.activation == "gelu":
+                dy, sum_dy, sum_dy_y = gelu_backward_sums(dy, kept)
+            else:
+                sum_dy, sum_dy_y = _grad_sums(ctx.op, dy, kept)
             if ctx.has_shift:
                 sum_dy_y = sum_dy_y - shift.float() * sum_dy
             grad_scale = sum_dy_y / scale.float()
@@ -214,7 +230,7 @@ class _FrozenOpSSF(torch.autograd.Function):
                 stride, padding, dilation, groups = ctx.conv_args
                 grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation, groups)
         grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift else None
-        return grad_x, None, None, grad_scale.to(scale.dtype), grad_shift, None, None, None
+        return grad_x, None, None, grad_scale.to(scale.dtype), grad_shift, None, None, None, None
 
 
 def _grad_sums(op: str, dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -256,3 +256,21 @@ def test_compiled_fused_training_matches_eager_gradients():
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 70
     for key, eager in grads[False].items():
         assert_close(grads[True][key], eager, rtol=1e-3, atol=1e-3 * eager.abs().max().item(), msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gelu_backward_sums_kernel_matches_fp64(dtype):
+    """The fused fc1 backward kernel at ViT-B's training shape (and a ragged one) against fp64."""
+    from ssf_tasks.fused_mlp import _gelu_backward_sums_torch, gelu_backward_sums
+
+    torch.manual_seed(0)
+    for shape in [(64, 197, 3072), (3, 70, 200)]:
+        dout = torch.randn(shape, device="cuda").to(dtype)
+        y = (2 * torch.randn(shape, device="cuda")).to(dtype)
+        dy, sum_dy, sum_dy_y = gelu_backward_sums(dout, y)
+        expected = _gelu_backward_sums_torch(dout.double(), y.double())
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the rounding of dy itself
+        for got, want in zip((dy, sum_dy, sum_dy_y), expected, strict=True):
+            assert (got.double() - want).abs().max() <= tolerance * want.abs().max()
+        if dtype == torch.bfloat16:  # the sums are those of dy as rounded, as the eager path takes them
+            assert_close(sum_dy, dy.float().sum((0, 1)), rtol=1e-4, atol=1e-3)

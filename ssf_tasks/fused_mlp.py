@@ -1,0 +1,165 @@
+"""Training an MLP's ``fc1`` site: GELU's backward and the site's γ/β gradients in one pass (Triton on CUDA).
+
+Why: in the fused training path (``ssf._FrozenOpSSF``) a Linear site's gradients are two column sums,
+``Σ dy`` and ``Σ dy ⊙ y``, over every row (sample and token) of the op's output ``y`` and its gradient ``dy``.
+For ``fc1`` of a ViT MLP, ``dy`` is GELU's backward, ``dy = dout ⊙ gelu'(y)``. Left to torch.compile, the sums
+become a reduction kernel of their own that reads ``dout`` and ``y`` again and recomputes GELU's backward: at
+batch 64 on ViT-B that took 1.2 ms of a 20 ms step (BENCHMARKS.md), the largest single piece of what SSF adds
+to a frozen backbone's backward. The kernel here reads ``dout`` and ``y`` once, writes ``dy`` (which the input
+gradient needs anyway) and keeps the two sums as it goes: the same memory traffic as GELU's backward alone.
+
+``FusedGeluMlp`` is timm's ``Mlp`` whose fused training path (one task per batch, on CUDA) runs ``fc1``, its
+SSF and GELU as one op with this backward; every other case is timm's own ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Mlp as TimmMlp
+from torch import nn
+
+__all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward_sums", "restore_timm_mlp"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch version is used
+    triton = None
+if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot hand a Triton kernel to inductor
+    triton = None
+
+
+def gelu_backward_sums(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dy, Σ dy, Σ dy ⊙ y)`` for ``out = gelu(y)`` (exact, erf form), sums over every axis but the last.
+
+    ``dy`` has ``y``'s dtype; the two ``[C]`` sums are fp32 (fp64 for fp64 input) and are taken over ``dy`` as
+    returned (rounded to its dtype), so they are the gradients of exactly the ``dy`` that flows on to the op's
+    input.
+    """
+    if dout.shape != y.shape:
+        raise ValueError(f"gelu_backward_sums needs tensors of one shape, got {tuple(dout.shape)} and {tuple(y.shape)}")
+    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    if triton is not None and y.is_cuda and y.dtype in kernel_dtypes and y.numel() > 0 and y.is_contiguous():
+        return _gelu_backward_sums_op(dout.contiguous(), y)
+    return _gelu_backward_sums_torch(dout, y)
+
+
+def _gelu_backward_sums_torch(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dy = torch.ops.aten.gelu_backward(dout.to(y.dtype), y)
+    accumulate = torch.promote_types(dy.dtype, torch.float32)
+    rows = dy.reshape(-1, dy.shape[-1]).to(accumulate)
+    return dy, rows.sum(0), (rows * y.reshape(rows.shape).to(accumulate)).sum(0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu_backward_sums_kernel(
+        dout_ptr,
+        y_ptr,
+        dy_ptr,
+        partial_dy_ptr,
+        partial_dy_y_ptr,
+        rows,
+        channels,
+        rows_per_chunk,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # One program per (block of channels, chunk of rows): writes dy for its tile and one row of partial sums.
+        columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        chunk = tl.program_id(1)
+        column_ok = columns < channels
+        acc_dy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        acc_dy_y = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        first = chunk * rows_per_chunk
+        last = tl.minimum(first + rows_per_chunk, rows)
+        for start in tl.range(first, last, BLOCK_R):
+            row = start + tl.arange(0, BLOCK_R)
+            ok = (row < last)[:, None] & column_ok[None, :]
+            offsets = row.to(tl.int64)[:, None] * channels + columns[None, :]
+            g = tl.load(dout_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327
+            dy = (g * (cdf + y * pdf)).to(dy_ptr.dtype.element_ty)
+            tl.store(dy_ptr + offsets, dy, mask=ok)
+            dy = dy.to(tl.float32)
+            acc_dy += dy
+            acc_dy_y += dy * y
+        out = chunk * channels + columns
+        tl.store(partial_dy_ptr + out, tl.sum(acc_dy, 0), mask=column_ok)
+        tl.store(partial_dy_y_ptr + out, tl.sum(acc_dy_y, 0), mask=column_ok)
+
+    # Best tile in two sweeps (156 and 72 tiles) on H100s at ViT-B's fc1 shape, [64·197, 3072] bf16 (BENCHMARKS.md).
+    _BLOCK_R, _BLOCK_C, _WARPS, _STAGES = 4, 512, 16, 1
+    _PROGRAMS = 528  # four per streaming multiprocessor of an H100 (132); smaller cards run more waves
+
+    # A ``triton_op``: torch.compile sees the kernel and launches it from its own generated code (no Python on
+    # the way, so it also lives in CUDA graphs), and fuses the small sums of the partials after it.
+    @torch.library.triton_op("ssf_tasks::gelu_backward_sums", mutates_args=())
+    def _gelu_backward_sums_op(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        channels = y.shape[-1]
+        rows = y.numel() // channels
+        column_blocks = triton.cdiv(channels, _BLOCK_C)
+        # Enough chunks of rows to fill the card a few times over; each chunk a whole number of row blocks.
+        chunks = max(1, min(triton.cdiv(rows, _BLOCK_R), _PROGRAMS // column_blocks))
+        rows_per_chunk = triton.cdiv(triton.cdiv(rows, chunks), _BLOCK_R) * _BLOCK_R
+        chunks = triton.cdiv(rows, rows_per_chunk)
+        dy = torch.empty_like(y)
+        partial_dy = torch.empty(chunks, channels, device=y.device, dtype=torch.float32)
+        partial_dy_y = torch.empty_like(partial_dy)
+        torch.library.wrap_triton(_gelu_backward_sums_kernel)[(column_blocks, chunks)](
+            dout, y, dy, partial_dy, partial_dy_y, rows, channels, rows_per_chunk,
+            BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_WARPS, num_stages=_STAGES,
+        )  # fmt: skip
+        return dy, partial_dy.sum(0), partial_dy_y.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------- the module
+class FusedGeluMlp(TimmMlp):
+    """timm's ``Mlp`` whose ``fc1`` runs with its SSF and GELU as one op on the fused training path.
+
+    ``MultiTaskSSF`` gives this class to every eligible MLP (see :func:`adopt_fused_mlp`). Parameters and keys
+    are timm's; every case the fused path does not take (mixed batches, the CPU by default) is timm's ``forward``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        site = self.fc1
+        if not site.uses_fast_path(x):
+            return super().forward(x)
+        x = site.fast_forward_gelu(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+def adopt_fused_mlp(backbone: nn.Module) -> int:
+    """Switch eligible MLPs to :class:`FusedGeluMlp`; returns how many.
+
+    Eligible: exactly timm's ``Mlp`` with ``fc1`` an SSF site on a Linear with a bias and a shift, and exactly
+    ``nn.GELU`` (the erf form) as its activation. Dropout is off anyway: the backbone always runs in eval mode.
+    """
+    from .ssf import SSFLayer
+
+    count = 0
+    for module in backbone.modules():
+        fc1 = getattr(module, "fc1", None)
+        act = getattr(module, "act", None)
+        if (
+            type(module) is TimmMlp
+            and isinstance(fc1, SSFLayer)
+            and type(fc1.base_layer) is nn.Linear
+            and fc1.base_layer.bias is not None
+            and fc1.ssf_shift is not None
+            and type(act) is nn.GELU
+            and act.approximate == "none"
+        ):
+            module.__class__ = FusedGeluMlp
+            count += 1
+    return count
+
+
+def restore_timm_mlp(model: nn.Module) -> None:
+    """Give every :class:`FusedGeluMlp` back timm's class (the folded, exported model is plain timm)."""
+    for module in model.modules():
+        if type(module) is FusedGeluMlp:
+            module.__class__ = TimmMlp

@@ -1,0 +1,109 @@
+"""fc1's SSF and GELU as one op in training: the Triton kernel (in the interpreter), the module swap, the fold."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers import Mlp
+from torch import nn
+from torch.testing import assert_close
+
+from conftest import make_backbone, make_images, run_in_triton_interpreter
+from ssf_tasks import MultiTaskSSF, fused_mlp
+from ssf_tasks.fused_mlp import FusedGeluMlp, gelu_backward_sums
+
+KERNEL_CHECK = """
+import json
+import torch
+from ssf_tasks import fused_mlp
+
+torch.manual_seed(0)
+errors = {}
+# rows that are not a whole number of row blocks or chunks, channels that are not a whole column block
+shapes = [(3, 70, 200), (2, 197, 64), (1000, 130), (5, 33)]
+tiles = [(2, 1024, 4, 528), (32, 64, 4, 3), (4, 128, 4, 1)]  # the default; 2-D tiles; one chunk of rows
+for block_r, block_c, warps, programs in tiles:
+    fused_mlp._BLOCK_R, fused_mlp._BLOCK_C, fused_mlp._WARPS, fused_mlp._PROGRAMS = block_r, block_c, warps, programs
+    for shape in shapes:
+        dout, y = torch.randn(*shape), 2 * torch.randn(*shape)
+        expected = fused_mlp._gelu_backward_sums_torch(dout.double(), y.double())
+        result = fused_mlp._gelu_backward_sums_op(dout, y)
+        for name, a, b in zip(("dy", "sum_dy", "sum_dy_y"), result, expected):
+            errors[f"{block_r}x{block_c}/{shape}/{name}"] = float((a.double() - b).abs().max() / b.abs().max())
+        # bf16: dy is rounded as torch rounds it, and the sums are those of the rounded dy
+        dout, y = dout.bfloat16(), y.bfloat16()
+        expected = fused_mlp._gelu_backward_sums_torch(dout, y)
+        result = fused_mlp._gelu_backward_sums_op(dout, y)
+        a, b = result[0].float(), expected[0].float()
+        # in bf16 steps (2**-7 relative at most), counted against the value or 1% of the largest, if larger
+        steps = (a - b).abs() / (b.abs() + 0.01 * b.abs().max()) / 2**-7
+        errors[f"{block_r}x{block_c}/{shape}/bf16 dy"] = float(steps.max())
+        for name, a, b in zip(("sum_dy", "sum_dy_y"), result[1:], expected[1:]):
+            errors[f"{block_r}x{block_c}/{shape}/bf16 {name}"] = float((a - b).abs().max() / b.abs().max())
+print(json.dumps(errors))
+"""
+
+
+def test_kernel_matches_gelu_backward_and_its_sums_in_the_interpreter():
+    pytest.importorskip("triton")
+    errors = run_in_triton_interpreter(KERNEL_CHECK)
+    assert len(errors) == 3 * 4 * 6
+    fp32 = {k: v for k, v in errors.items() if "bf16" not in k}
+    assert all(v < 1e-6 for v in fp32.values()), fp32  # fp32 against fp64
+    bf16_dy = {k: v for k, v in errors.items() if "bf16 dy" in k}
+    assert all(v <= 1.0 for v in bf16_dy.values()), bf16_dy  # at most one bf16 step apart from torch's
+    bf16_sums = {k: v for k, v in errors.items() if "bf16 sum" in k}
+    assert all(v < 2e-2 for v in bf16_sums.values()), bf16_sums
+
+
+def test_torch_version_is_gelu_backward_with_its_sums():
+    dout, y = torch.randn(2, 9, 6, dtype=torch.float64), torch.randn(2, 9, 6, dtype=torch.float64)
+    y.requires_grad_(True)
+    torch.nn.functional.gelu(y).backward(dout)
+    dy, sum_dy, sum_dy_y = gelu_backward_sums(dout, y.detach())
+    assert_close(dy, y.grad)
+    assert_close(sum_dy, y.grad.sum((0, 1)))
+    assert_close(sum_dy_y, (y.grad * y.detach()).sum((0, 1)))
+    with pytest.raises(ValueError, match="one shape"):
+        gelu_backward_sums(dout, y.detach()[:1])
+
+
+def test_vit_mlps_take_the_fused_class_and_the_fold_gives_timm_back():
+    backbone = timm.create_model("test_vit", num_classes=0)
+    model = MultiTaskSSF(backbone)
+    model.add_task("a", 3)
+    adopted = [m for m in model.backbone.modules() if type(m) is FusedGeluMlp]
+    assert len(adopted) == len(model.backbone.blocks) and all(isinstance(m, Mlp) for m in adopted)
+    folded = model.fold("a")
+    assert not any(type(m) is FusedGeluMlp for m in folded.modules())
+    assert sum(type(m) is Mlp for m in folded.modules()) == len(adopted)
+
+
+def test_mlps_without_exact_gelu_keep_timm_class():
+    backbone = timm.create_model("test_vit", num_classes=0)
+    backbone.blocks[0].mlp.act = nn.GELU(approximate="tanh")
+    backbone.blocks[1].mlp.act = nn.SiLU()
+    model = MultiTaskSSF(backbone)
+    assert [type(b.mlp) for b in model.backbone.blocks] == [Mlp, Mlp] + [FusedGeluMlp] * (len(backbone.blocks) - 2)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fused_mlp_runs_once_per_block_on_the_fast_path_only(fast, monkeypatch):
+    """The fused op is what the fast path runs (its gradients are checked against the eager path in
+    test_model.test_fast_path_matches_eager_outputs_and_gradients), and the eager path never runs it."""
+    calls = []
+    original = fused_mlp.gelu_backward_sums
+    monkeypatch.setattr("ssf_tasks.ssf.gelu_backward_sums", lambda *a: calls.append(1) or original(*a))
+    model = MultiTaskSSF(make_backbone("vit"))
+    model.add_task("a", 4)
+    model.set_fast_path(fast)
+    model.train()
+    images = make_images("vit")
+    model(images, "a")[:, :4].sum().backward()
+    assert len(calls) == (len(model.backbone.blocks) if fast else 0)
+    # a mixed batch never takes the fast path
+    calls.clear()
+    model.add_task("b", 2)
+    model(images, ["a", "b", "a"]).nan_to_num(neginf=0).sum().backward()
+    assert calls == []
