@@ -190,6 +190,8 @@ class _FrozenOpSSF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, op, keep_input, conv_args, activation):
+        if keep_input and activation is not None:
+            raise ValueError("a fused activation needs the op's output saved, not its input")
         folded_bias = fold_bias(bias, scale, shift) if bias is not None else None
         y = _run_op(op, conv_args, x, fold_rows(weight, scale), folded_bias)
         ctx.op, ctx.keep_input, ctx.activation = op, keep_input, activation

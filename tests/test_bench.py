@@ -39,3 +39,13 @@ def test_training_error_compares_the_fused_path_with_the_eager_path(monkeypatch)
     fused = SSFLayer._fast_forward
     monkeypatch.setattr(SSFLayer, "_fast_forward", lambda self, x, index: fused(self, x, index) * 1.01)
     assert _ssf_training_error(forward, params, model, images, labels, 3) > 5e-3
+
+
+def test_ablation_variant_gives_the_mlps_timm_class_back():
+    from timm.layers import Mlp
+
+    from ssf_tasks.fused_mlp import FusedGeluMlp
+
+    for fused, expected in ((True, FusedGeluMlp), (False, Mlp)):
+        _, _, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu", fused_mlp=fused)
+        assert {type(block.mlp) for block in model.backbone.blocks} == {expected}

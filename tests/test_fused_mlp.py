@@ -22,7 +22,8 @@ torch.manual_seed(0)
 errors = {}
 # rows that are not a whole number of row blocks or chunks, channels that are not a whole column block
 shapes = [(3, 70, 200), (2, 197, 64), (1000, 130), (5, 33)]
-tiles = [(2, 1024, 4, 528), (32, 64, 4, 3), (4, 128, 4, 1)]  # the default; 2-D tiles; one chunk of rows
+default = (fused_mlp._BLOCK_R, fused_mlp._BLOCK_C, fused_mlp._WARPS, fused_mlp._PROGRAMS)
+tiles = [default, (32, 64, 4, 3), (4, 128, 4, 1)]  # the submitted tile; 2-D tiles; one chunk of rows
 for block_r, block_c, warps, programs in tiles:
     fused_mlp._BLOCK_R, fused_mlp._BLOCK_C, fused_mlp._WARPS, fused_mlp._PROGRAMS = block_r, block_c, warps, programs
     for shape in shapes:
@@ -41,6 +42,12 @@ for block_r, block_c, warps, programs in tiles:
         errors[f"{block_r}x{block_c}/{shape}/bf16 dy"] = float(steps.max())
         for name, a, b in zip(("sum_dy", "sum_dy_y"), result[1:], expected[1:]):
             errors[f"{block_r}x{block_c}/{shape}/bf16 {name}"] = float((a - b).abs().max() / b.abs().max())
+    # fp16
+    dout, y = torch.randn(3, 70, 200).half(), (2 * torch.randn(3, 70, 200)).half()
+    expected = fused_mlp._gelu_backward_sums_torch(dout.double(), y.double())
+    result = fused_mlp._gelu_backward_sums_op(dout, y)
+    for name, a, b in zip(("dy", "sum_dy", "sum_dy_y"), result, expected):
+        errors[f"{block_r}x{block_c}/fp16/{name}"] = float((a.double() - b).abs().max() / b.abs().max())
 print(json.dumps(errors))
 """
 
@@ -48,8 +55,10 @@ print(json.dumps(errors))
 def test_kernel_matches_gelu_backward_and_its_sums_in_the_interpreter():
     pytest.importorskip("triton")
     errors = run_in_triton_interpreter(KERNEL_CHECK)
-    assert len(errors) == 3 * 4 * 6
-    fp32 = {k: v for k, v in errors.items() if "bf16" not in k}
+    assert len(errors) == 3 * (4 * 6 + 3)
+    fp16 = {k: v for k, v in errors.items() if "fp16" in k}
+    assert all(v < 2e-3 for v in fp16.values()), fp16  # fp16 rounding of dy and y
+    fp32 = {k: v for k, v in errors.items() if "bf16" not in k and "fp16" not in k}
     assert all(v < 1e-6 for v in fp32.values()), fp32  # fp32 against fp64
     bf16_dy = {k: v for k, v in errors.items() if "bf16 dy" in k}
     assert all(v <= 1.0 for v in bf16_dy.values()), bf16_dy  # at most one bf16 step apart from torch's
@@ -107,3 +116,27 @@ def test_fused_mlp_runs_once_per_block_on_the_fast_path_only(fast, monkeypatch):
     model.add_task("b", 2)
     model(images, ["a", "b", "a"]).nan_to_num(neginf=0).sum().backward()
     assert calls == []
+
+
+def test_fast_path_without_gradients_and_with_a_norm_inside_the_mlp_matches_eager():
+    """No-grad single-task inference takes the fused op too; an MLP with its own norm keeps timm's order."""
+    backbone = make_backbone("vit")
+    hidden = backbone.blocks[0].mlp.fc1.out_features
+    backbone.blocks[0].mlp.norm = nn.LayerNorm(hidden)  # timm's norm_layer: between the activation and fc2
+    torch.manual_seed(0)
+    nn.init.normal_(backbone.blocks[0].mlp.norm.weight, 1.0, 0.3)
+    model = MultiTaskSSF(backbone, sigma=0.2)
+    model.add_task("a", 4)
+    assert type(model.backbone.blocks[0].mlp) is FusedGeluMlp
+    images = make_images("vit")
+    results = {}
+    for fast in (False, True):
+        model.set_fast_path(fast)
+        with torch.no_grad():
+            results[f"{fast} no grad"] = model(images, "a")
+        model.zero_grad(set_to_none=True)
+        model.train()
+        model(images, "a")[:, :4].square().sum().backward()
+        results[f"{fast} grad"] = model.backbone.blocks[0].mlp.fc1.ssf_scale.grad.clone()
+    assert_close(results["True no grad"], results["False no grad"], rtol=1e-5, atol=1e-5)
+    assert_close(results["True grad"], results["False grad"], rtol=1e-4, atol=1e-6)
