@@ -108,7 +108,7 @@ class SSFLayer(nn.Module):
             return False
         return x.is_cuda if self.fast_path is None else self.fast_path
 
-    def _fast_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+    def _fast_forward(self, x: torch.Tensor, index: int, activation: str | None = None) -> torch.Tensor:
         """The same function as the eager path, computed without storing anything extra for backward.
 
         * LayerNorm: γ/β are folded into the norm's affine on the fly (``w·γ``, ``b·γ + β``); the norm's own
@@ -126,7 +126,7 @@ class SSFLayer(nn.Module):
         if self._fast_kind == "layer_norm":
             bias = base.bias * scale + shift if shift is not None else None
             return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
-        args = (self._fast_kind, self.keep_input, _conv_args(base), None)
+        args = (self._fast_kind, self.keep_input, _conv_args(base), activation)
         return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, *args)
 
     def fast_forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +134,7 @@ class SSFLayer(nn.Module):
 
         One op, whose backward runs GELU's backward and this site's two column sums in one pass.
         """
-        index = self.routing.index
-        base = self.base_layer
-        scale, shift = self.ssf_scale[index], self.ssf_shift[index]
-        return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, "linear", False, None, "gelu")
+        return self._fast_forward(x, self.routing.index, "gelu")
 
 
 def _fast_kind(base: nn.Module, rule: SiteRule) -> str | None:

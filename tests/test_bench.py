@@ -37,7 +37,7 @@ def test_training_error_compares_the_fused_path_with_the_eager_path(monkeypatch)
     # A wrong step is seen: a wrong result, and a wrong fused path (so the reference must be the eager path).
     assert _ssf_training_error(lambda x: forward(x) * 1.01, params, model, images, labels, 3) > 5e-3
     fused = SSFLayer._fast_forward
-    monkeypatch.setattr(SSFLayer, "_fast_forward", lambda self, x, index: fused(self, x, index) * 1.01)
+    monkeypatch.setattr(SSFLayer, "_fast_forward", lambda self, x, *args: fused(self, x, *args) * 1.01)
     assert _ssf_training_error(forward, params, model, images, labels, 3) > 5e-3
 
 
