@@ -26,6 +26,7 @@ import torch._functorch.config as functorch_config
 from torch import nn
 from torch.nn import functional as F
 
+from .fused_block import restore_timm_blocks
 from .fused_mlp import restore_timm_mlp
 from .graphed import GraphedForward
 from .model import MultiTaskSSF
@@ -309,8 +310,10 @@ def bench_training(
         model.train()
         return (lambda x: model(x)), [p for p in model.parameters() if p.requires_grad], model
 
-    def ssf(fast: bool, fused_mlp: bool = True):
-        return lambda: ssf_training_variant(model_name, classes, fast=fast, fused_mlp=fused_mlp)
+    def ssf(fast: bool, fused_mlp: bool = True, fused_blocks: bool = True):
+        return lambda: ssf_training_variant(
+            model_name, classes, fast=fast, fused_mlp=fused_mlp, fused_blocks=fused_blocks
+        )
 
     variants: list[tuple[str, Callable]] = [
         ("full fine-tuning", full_ft),
@@ -327,6 +330,10 @@ def bench_training(
     variants += [
         ("ssf-tasks SSF + head (fused path)", ssf(True)),
         ("ssf-tasks SSF + head (fused path, fc1's sums left to torch.compile)", ssf(True, fused_mlp=False)),
+        (
+            "ssf-tasks SSF + head (fused path, residual-stream sums left to torch.compile)",
+            ssf(True, fused_blocks=False),
+        ),
         ("ssf-tasks SSF + head (eager path)", ssf(False)),
     ]
     # torch.compile's activation-memory budget: the partitioner recomputes cheap ops instead of saving them.
@@ -384,7 +391,13 @@ def bench_training(
 
 
 def ssf_training_variant(
-    model_name: str, classes: int, *, fast: bool, device: str = "cuda", fused_mlp: bool = True
+    model_name: str,
+    classes: int,
+    *,
+    fast: bool,
+    device: str = "cuda",
+    fused_mlp: bool = True,
+    fused_blocks: bool = True,
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Parameter], MultiTaskSSF]:
     """The SSF training step's model: ``(forward, parameters to optimise, model)``.
 
@@ -392,11 +405,15 @@ def ssf_training_variant(
     ``isolate_tasks`` gives the trainer. (Entering ``isolate_tasks`` by hand here would be wrong: its context
     object, once garbage, restores the full tables at once, and the optimiser would hold tables the model no
     longer uses.) ``fused_mlp=False`` gives the MLPs timm's class back, so ``fc1``'s GELU backward and column
-    sums are left to torch.compile (see ``ssf_tasks.fused_mlp``): what the kernel gains.
+    sums are left to torch.compile (see ``ssf_tasks.fused_mlp``): what the kernel gains. ``fused_blocks=False``
+    gives ``blocks`` back ``nn.Sequential``, so ``proj``'s and ``fc2``'s sums and the LayerNorm sites' are
+    left to torch.compile (see ``ssf_tasks.fused_block``).
     """
     model = MultiTaskSSF(timm.create_model(model_name, num_classes=0).to(device))
     if not fused_mlp:
         restore_timm_mlp(model.backbone)
+    if not fused_blocks:
+        restore_timm_blocks(model.backbone)
     model.add_task("task", classes)
     model.set_fast_path(None if fast else False)
     model.train()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import FoldError
+from .fused_block import restore_timm_blocks
 from .fused_mlp import restore_timm_mlp
 from .mixed_attention import restore_timm_attention
 from .ssf import fold_bias, fold_rows
@@ -40,6 +41,7 @@ def fold_task(model: MultiTaskSSF, name: str) -> nn.Module:
     folded = copy.deepcopy(model.backbone, memo=skip_tables)
     restore_timm_attention(folded)
     restore_timm_mlp(folded)
+    restore_timm_blocks(folded)
     with torch.no_grad():
         for site_name, site in sites:
             base = folded.get_submodule(site_name).base_layer

@@ -128,12 +128,21 @@ class FusedGeluMlp(TimmMlp):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused(x):
+            return super().forward(x)
+        return self.drop2(self.fc2(self.norm(self.hidden(x))))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``drop1(act(fc1(x)))``, with ``fc1`` and GELU as one op on the fused path (the training chain of
+        ``ssf_tasks.fused_block`` runs ``fc2`` itself)."""
+        if self._fused(x):
+            return self.drop1(self.fc1.fast_forward_gelu(x))
+        return self.drop1(self.act(self.fc1(x)))
+
+    def _fused(self, x: torch.Tensor) -> bool:
         site = self.fc1
         # A site told to keep its input (tests force it) and an activation swapped after adoption take timm's path.
-        if not site.uses_fast_path(x) or site.keep_input or not _is_exact_gelu(self.act):
-            return super().forward(x)
-        x = site.fast_forward_gelu(x)
-        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+        return site.uses_fast_path(x) and not site.keep_input and _is_exact_gelu(self.act)
 
 
 def _is_exact_gelu(act: nn.Module) -> bool:

@@ -20,6 +20,7 @@ import math
 import torch
 from timm.models.vision_transformer import Attention as TimmAttention
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "MixedTaskAttention",
@@ -290,6 +291,20 @@ class MixedTaskAttention(TimmAttention):
             out = mixed_ssf_attention(site.base_layer(x), site.ssf_scale, site.ssf_shift, index, self.num_heads)
             return self.proj_drop(self.proj(out))
         return super().forward(x, *args, **kwargs)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output before ``proj``, for the fused training chain (``ssf_tasks.fused_block``).
+
+        The same function as timm's ``forward`` up to ``proj`` for an adopted module (no q/k/output norm, no
+        gate, no mask); the chain runs ``proj`` itself, so its γ/β gradients come out of the next LayerNorm's
+        backward.
+        """
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        dropout = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        return out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
 
 
 def _linear_output_dtype(x: torch.Tensor) -> torch.dtype:

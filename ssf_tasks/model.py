@@ -22,6 +22,7 @@ from .errors import (
     StateDictMismatchError,
     TaskNotFoundError,
 )
+from .fused_block import adopt_fused_blocks
 from .fused_mlp import adopt_fused_mlp
 from .mixed_attention import MixedTaskAttention, adopt_mixed_attention
 from .sites import find_sites
@@ -71,6 +72,7 @@ class MultiTaskSSF(nn.Module):
             self.site_names.append(spec.name)
         adopt_mixed_attention(backbone)
         adopt_fused_mlp(backbone)
+        adopt_fused_blocks(backbone)
         weight = next(iter(backbone.parameters()))
         self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         factory = {"dtype": torch.float32, "device": weight.device}

@@ -108,7 +108,9 @@ class SSFLayer(nn.Module):
             return False
         return x.is_cuda if self.fast_path is None else self.fast_path
 
-    def _fast_forward(self, x: torch.Tensor, index: int, activation: str | None = None) -> torch.Tensor:
+    def _fast_forward(
+        self, x: torch.Tensor, index: int, activation: str | None = None, keep: str | None = None
+    ) -> torch.Tensor:
         """The same function as the eager path, computed without storing anything extra for backward.
 
         * LayerNorm: γ/β are folded into the norm's affine on the fly (``w·γ``, ``b·γ + β``); the norm's own
@@ -118,7 +120,7 @@ class SSFLayer(nn.Module):
           gradient is computed from it (``z = (y - β) / γ``). That output is usually saved by the next op anyway
           (GELU, attention), so it costs no memory, unlike ``x * γ + β``, which keeps its own input. Where the
           input is the one kept anyway (``keep_input``: ``proj`` after attention), it is saved instead and ``z``
-          is recomputed from it.
+          is recomputed from it. ``keep="nothing"`` saves neither and leaves γ/β's gradients to the caller.
         """
         base = self.base_layer
         scale = self.ssf_scale[index]
@@ -126,7 +128,8 @@ class SSFLayer(nn.Module):
         if self._fast_kind == "layer_norm":
             bias = base.bias * scale + shift if shift is not None else None
             return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
-        args = (self._fast_kind, self.keep_input, _conv_args(base), activation)
+        keep = keep or ("input" if self.keep_input else "output")
+        args = (self._fast_kind, keep, _conv_args(base), activation)
         return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, *args)
 
     def fast_forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +138,14 @@ class SSFLayer(nn.Module):
         One op, whose backward runs GELU's backward and this site's two column sums in one pass.
         """
         return self._fast_forward(x, self.routing.index, "gelu")
+
+    def fast_forward_sums_elsewhere(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` on the fused path of a Linear site whose γ/β gradients the caller computes.
+
+        The op saves no activation and its backward gives the input gradient only. Used where the output joins
+        the residual stream and the next LayerNorm's backward takes this site's sums too (``fused_block``).
+        """
+        return self._fast_forward(x, self.routing.index, keep="nothing")
 
 
 def _fast_kind(base: nn.Module, rule: SiteRule) -> str | None:
@@ -183,21 +194,25 @@ class _FrozenOpSSF(torch.autograd.Function):
     read off the saved output (``z = (y - β) / γ``, so ``dγ = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``: two column sums).
     With ``activation="gelu"`` the op returns ``gelu(y)`` and its backward starts with GELU's, fused with the
     two sums (``fused_mlp.gelu_backward_sums``); ``y``, which GELU would keep anyway, is the saved tensor.
+    ``keep`` says which tensor is saved: ``"output"``, ``"input"``, or ``"nothing"`` (no γ/β gradients here:
+    the caller computes them, see ``fused_block``).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, op, keep_input, conv_args, activation):
-        if keep_input and activation is not None:
-            raise ValueError("a fused activation needs the op's output saved, not its input")
+    def forward(ctx, x, weight, bias, scale, shift, op, keep, conv_args, activation):
+        if keep not in ("output", "input", "nothing"):
+            raise ValueError(f"keep must be 'output', 'input' or 'nothing', not {keep!r}")
+        if keep != "output" and activation is not None:
+            raise ValueError("a fused activation needs the op's output saved")
         folded_bias = fold_bias(bias, scale, shift) if bias is not None else None
         y = _run_op(op, conv_args, x, fold_rows(weight, scale), folded_bias)
-        ctx.op, ctx.keep_input, ctx.activation = op, keep_input, activation
+        ctx.op, ctx.keep, ctx.activation = op, keep, activation
         ctx.conv_args, ctx.x_shape = conv_args, x.shape
         ctx.has_shift, ctx.has_bias = shift is not None, bias is not None
         # The folded weight is recomputed in backward: saving it would keep a copy of every frozen weight.
         missing = scale  # save_for_backward takes tensors only
         ctx.save_for_backward(
-            x if keep_input else y,
+            {"output": y, "input": x, "nothing": missing}[keep],
             weight,
             bias if bias is not None else missing,
             scale,
@@ -208,7 +223,9 @@ class _FrozenOpSSF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         kept, weight, bias, scale, shift = ctx.saved_tensors
-        if ctx.keep_input:
+        if ctx.keep == "nothing":
+            grad_scale = sum_dy = None
+        elif ctx.keep == "input":
             z_bias = bias.to(kept.dtype) if ctx.has_bias else None
             z = _run_op(ctx.op, ctx.conv_args, kept, weight.to(kept.dtype), z_bias)
             sum_dy, grad_scale = _grad_sums(ctx.op, dy, z)
@@ -228,8 +245,9 @@ class _FrozenOpSSF(torch.autograd.Function):
             else:
                 stride, padding, dilation, groups = ctx.conv_args
                 grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation, groups)
-        grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift else None
-        return grad_x, None, None, grad_scale.to(scale.dtype), grad_shift, None, None, None, None
+        grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift and sum_dy is not None else None
+        grad_scale = grad_scale.to(scale.dtype) if grad_scale is not None else None
+        return grad_x, None, None, grad_scale, grad_shift, None, None, None, None
 
 
 def _grad_sums(op: str, dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ def test_training_error_compares_the_fused_path_with_the_eager_path(monkeypatch)
     # A wrong step is seen: a wrong result, and a wrong fused path (so the reference must be the eager path).
     assert _ssf_training_error(lambda x: forward(x) * 1.01, params, model, images, labels, 3) > 5e-3
     fused = SSFLayer._fast_forward
-    monkeypatch.setattr(SSFLayer, "_fast_forward", lambda self, x, *args: fused(self, x, *args) * 1.01)
+    monkeypatch.setattr(SSFLayer, "_fast_forward", lambda self, x, *a, **k: fused(self, x, *a, **k) * 1.01)
     assert _ssf_training_error(forward, params, model, images, labels, 3) > 5e-3
 
 
@@ -49,3 +49,13 @@ def test_ablation_variant_gives_the_mlps_timm_class_back():
     for fused, expected in ((True, FusedGeluMlp), (False, Mlp)):
         _, _, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu", fused_mlp=fused)
         assert {type(block.mlp) for block in model.backbone.blocks} == {expected}
+
+
+def test_ablation_variant_gives_the_blocks_timm_class_back():
+    from torch import nn
+
+    from ssf_tasks.fused_block import FusedBlockChain
+
+    for fused, expected in ((True, FusedBlockChain), (False, nn.Sequential)):
+        _, _, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu", fused_blocks=fused)
+        assert type(model.backbone.blocks) is expected

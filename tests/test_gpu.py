@@ -236,8 +236,9 @@ def test_graphed_forward_replays_new_inputs_and_checks_them():
 
 
 def test_compiled_fused_training_matches_eager_gradients():
-    """The fused path under torch.compile against the eager path, in fp32."""
+    """The fused path under torch.compile against the eager path, in fp32 (ViT's blocks run as the chain)."""
     model = _model()
+    assert type(model.backbone.blocks).__name__ == "FusedBlockChain"
     images = torch.randn(4, 3, 224, 224, device="cuda")
     grads = {}
     for fast, compiled in ((False, False), (None, True)):
@@ -276,3 +277,26 @@ def test_gelu_backward_sums_kernel_matches_fp64(dtype):
             assert (got.double() - want).abs().max() <= tolerance * want.abs().max()
         if dtype == torch.bfloat16:  # the sums are those of dy as rounded, as the eager path takes them
             assert_close(sum_dy, dy.float().sum((0, 1)), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("stream_dtype", [torch.float32, torch.bfloat16])
+def test_residual_norm_backward_kernel_matches_fp64(stream_dtype):
+    """The residual stream's backward kernel at ViT-B's training shape (and a ragged one) against fp64: the
+    norm's output gradient in bf16, the stream in fp32 (bf16 autocast) or bf16 (a bf16 model)."""
+    from ssf_tasks import fused_block
+
+    assert fused_block.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
+    torch.manual_seed(0)
+    for shape in [(64, 197, 768), (3, 70, 200)]:
+        d_h = torch.randn(shape, device="cuda").bfloat16()
+        d_out = torch.randn(shape, device="cuda").to(stream_dtype)
+        x_in = (3 + torch.randn(shape, device="cuda")).to(stream_dtype)
+        x_out = (x_in.float() + torch.randn(shape, device="cuda").bfloat16().float()).to(stream_dtype)
+        weight = 1 + 0.3 * torch.randn(shape[-1], device="cuda")
+        dx, dy, sums = fused_block.residual_norm_backward_sums(d_h, d_out, x_out, x_in, weight, 1e-6, torch.bfloat16)
+        wide = [t.double() for t in (d_h, d_out, x_out, x_in, weight)]
+        expected = fused_block._residual_norm_backward_torch(*wide, 1e-6, torch.float64)
+        assert dy.dtype == torch.bfloat16 and dx.dtype == stream_dtype
+        tolerance = 1e-5 if stream_dtype == torch.float32 else 1e-2  # bf16: the rounding of dx itself
+        for got, want in ((dx, expected[0]), (dy, expected[0]), (sums, expected[2])):
+            assert (got.double() - want).abs().max() <= max(tolerance, 1e-2 * (got is dy)) * want.abs().max()

@@ -1,0 +1,351 @@
+"""Training a ViT's residual stream: each LayerNorm's backward also takes the γ/β gradients of the Linear before it.
+
+Why: in the fused training path (``ssf._FrozenOpSSF``) the gradients of a Linear site are two column sums over
+every row of its output ``y`` and of ``dy``. For ``proj`` and ``fc2`` of a ViT block, ``dy`` is the residual
+stream's gradient, which the next LayerNorm's backward writes; left to torch.compile the sums are separate
+passes that read ``dy`` again, plus a GEMM that recomputes ``proj``'s output (BENCHMARKS.md: 0.8 ms of a 19 ms
+step on ViT-B), and each LayerNorm site's own sums end in an eager reduction of their partials (0.7 ms). Here
+one op does the residual add and the LayerNorm with its SSF folded in (``x_out = x_in + y``,
+``h = LN(x_out) ⊙ w' + b'``), and its backward is one pass (a Triton kernel on CUDA) that writes the residual
+gradient and keeps six column sums: the LayerNorm site's and the Linear site's. The Linear's output need not be
+kept: it is ``x_out - x_in``, two residual-stream tensors that the LayerNorms keep anyway.
+
+``FusedBlockChain`` runs a ViT's ``blocks`` that way on the fused path (one task per batch); block ``l``'s
+``fc2`` output is added to the residual stream by block ``l + 1``'s ``norm1``, so the chain carries it over.
+Every other case is timm's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Mlp as TimmMlp
+from timm.models.vision_transformer import Block as TimmBlock
+from torch import nn
+from torch.nn import functional as F
+
+from .fused_mlp import FusedGeluMlp
+from .mixed_attention import MixedTaskAttention
+
+__all__ = [
+    "FusedBlockChain",
+    "adopt_fused_blocks",
+    "residual_norm_backward_sums",
+    "restore_timm_blocks",
+]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch version is used
+    triton = None
+if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot hand a Triton kernel to inductor
+    triton = None
+
+
+def residual_norm_backward_sums(
+    d_h: torch.Tensor,
+    d_out: torch.Tensor,
+    x_out: torch.Tensor,
+    x_in: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    y_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``x_out = x_in + y; h = layer_norm(x_out) ⊙ weight + bias`` (normalised over the last axis).
+
+    ``d_h`` and ``d_out`` are the gradients of ``h`` and of ``x_out`` (the residual stream going on). Returns
+    ``dx``, the gradient of ``x_in`` (in ``x_out``'s dtype), the same values in ``y_dtype`` (the gradient of
+    ``y``, which the Linear before takes), and the fp32 sums ``[4, C]`` over every row: ``Σ d_h ⊙ x̂``, ``Σ d_h``,
+    ``Σ dx`` and ``Σ dx ⊙ y`` with ``x̂`` the normalised ``x_out`` and ``y = x_out - x_in``. The norm's statistics
+    are recomputed from ``x_out``.
+    """
+    if not (d_h.shape == d_out.shape == x_out.shape == x_in.shape) or weight.shape != x_out.shape[-1:]:
+        raise ValueError(
+            "residual_norm_backward_sums needs four tensors of one shape and a weight of their last size, got "
+            f"{[tuple(t.shape) for t in (d_h, d_out, x_out, x_in, weight)]}"
+        )
+    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    tensors = (d_h, d_out, x_out, x_in)
+    if (
+        triton is not None
+        and x_out.is_cuda
+        and all(t.dtype in kernel_dtypes for t in tensors)
+        and x_out.numel() > 0
+        and x_out.shape[-1] <= _MAX_CHANNELS
+    ):
+        contiguous = [t.contiguous() for t in tensors]
+        dx, dy, sums = _residual_norm_backward_op(*contiguous, weight.float().contiguous(), float(eps), y_dtype)
+        return dx, dx if y_dtype == x_out.dtype else dy, sums
+    return _residual_norm_backward_torch(d_h, d_out, x_out, x_in, weight, eps, y_dtype)
+
+
+def _residual_norm_backward_torch(d_h, d_out, x_out, x_in, weight, eps, y_dtype):
+    accumulate = torch.promote_types(x_out.dtype, torch.float32)
+    channels = x_out.shape[-1]
+    x = x_out.reshape(-1, channels).to(accumulate)
+    mean = x.mean(-1, keepdim=True)
+    centred = x - mean
+    rstd = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+    x_hat = centred * rstd
+    dh = d_h.reshape(-1, channels).to(accumulate)
+    g = dh * weight.to(accumulate)
+    dx = d_out.reshape(-1, channels).to(accumulate) + rstd * (
+        g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)
+    )
+    y = x - x_in.reshape(-1, channels).to(accumulate)
+    sums = torch.stack([(dh * x_hat).sum(0), dh.sum(0), dx.sum(0), (dx * y).sum(0)])
+    dx = dx.to(x_out.dtype).view(x_out.shape)
+    return dx, dx.to(y_dtype), sums
+
+
+_MAX_CHANNELS = 4096  # one row of channels is held in registers by the kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _residual_norm_backward_kernel(
+        d_h_ptr,
+        d_out_ptr,
+        x_out_ptr,
+        x_in_ptr,
+        weight_ptr,
+        dx_ptr,
+        dy_ptr,
+        partial_ptr,
+        rows,
+        channels,
+        rows_per_chunk,
+        eps,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        WRITE_DY: tl.constexpr,
+    ):
+        # One program per chunk of rows, whole rows at a time: writes dx (and dy, dx in y's dtype where that
+        # differs) and one [4, C] row of partial sums.
+        chunk = tl.program_id(0)
+        columns = tl.arange(0, BLOCK_C)
+        column_ok = columns < channels
+        weight = tl.load(weight_ptr + columns, mask=column_ok, other=0.0)
+        acc_dh_xhat = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        acc_dh = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        acc_dx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        acc_dx_y = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        first = chunk * rows_per_chunk
+        last = tl.minimum(first + rows_per_chunk, rows)
+        for start in tl.range(first, last, BLOCK_R):
+            row = start + tl.arange(0, BLOCK_R)
+            ok = (row < last)[:, None] & column_ok[None, :]
+            offsets = row.to(tl.int64)[:, None] * channels + columns[None, :]
+            x = tl.load(x_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            mean = tl.sum(x, 1) / channels
+            centred = tl.where(ok, x - mean[:, None], 0.0)
+            # (inductor may hand ``eps`` over as an fp64 scalar: keep the statistics in fp32)
+            rstd = tl.math.rsqrt((tl.sum(centred * centred, 1) / channels + eps).to(tl.float32))
+            x_hat = centred * rstd[:, None]
+            dh = tl.load(d_h_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            g = dh * weight[None, :]
+            mean_g = tl.sum(g, 1) / channels
+            mean_g_xhat = tl.sum(g * x_hat, 1) / channels
+            d_out = tl.load(d_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            dx = d_out + rstd[:, None] * (g - mean_g[:, None] - x_hat * mean_g_xhat[:, None])
+            dx = tl.where(ok, dx, 0.0)
+            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            if WRITE_DY:
+                tl.store(dy_ptr + offsets, dx.to(dy_ptr.dtype.element_ty), mask=ok)
+            y = x - tl.load(x_in_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            acc_dh_xhat += dh * x_hat
+            acc_dh += dh
+            acc_dx += dx
+            acc_dx_y += dx * y
+        out = partial_ptr + chunk * 4 * channels + columns
+        tl.store(out, tl.sum(acc_dh_xhat, 0), mask=column_ok)
+        tl.store(out + channels, tl.sum(acc_dh, 0), mask=column_ok)
+        tl.store(out + 2 * channels, tl.sum(acc_dx, 0), mask=column_ok)
+        tl.store(out + 3 * channels, tl.sum(acc_dx_y, 0), mask=column_ok)
+
+    _BLOCK_R, _WARPS, _STAGES = 4, 4, 1
+    _PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
+
+    # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included)
+    # and fuses the small sum of the partials after it.
+    @torch.library.triton_op("ssf_tasks::residual_norm_backward_sums", mutates_args=())
+    def _residual_norm_backward_op(
+        d_h: torch.Tensor,
+        d_out: torch.Tensor,
+        x_out: torch.Tensor,
+        x_in: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        y_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel on contiguous tensors of one shape (see ``residual_norm_backward_sums``)."""
+        channels = x_out.shape[-1]
+        rows = x_out.numel() // channels
+        chunks = max(1, min(triton.cdiv(rows, _BLOCK_R), _PROGRAMS))
+        rows_per_chunk = triton.cdiv(triton.cdiv(rows, chunks), _BLOCK_R) * _BLOCK_R
+        chunks = triton.cdiv(rows, rows_per_chunk)
+        dx = torch.empty_like(x_out)
+        write_dy = y_dtype != x_out.dtype
+        dy = torch.empty_like(x_out, dtype=y_dtype) if write_dy else x_out.new_empty(0)
+        partial = torch.empty(chunks, 4, channels, device=x_out.device, dtype=torch.float32)
+        torch.library.wrap_triton(_residual_norm_backward_kernel)[(chunks,)](
+            d_h, d_out, x_out, x_in, weight, dx, dy, partial, rows, channels, rows_per_chunk, eps,
+            BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels), WRITE_DY=write_dy,
+            num_warps=_WARPS, num_stages=_STAGES,
+        )  # fmt: skip
+        # Where y has dx's dtype, dy is dx: the caller uses dx (a custom op may not return an alias of dx).
+        return dx, dy, partial.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------- the two ops
+class _ResidualNormSSF(torch.autograd.Function):
+    """``x_out = x_in + y`` and ``h = LN(x_out) ⊙ (w ⊙ γ_n) + (b ⊙ γ_n + β_n)``, where ``y`` came out of a Linear
+    site with ``γ_l``/``β_l`` folded in (``SSFLayer.fast_forward_sums_elsewhere``, which leaves their gradients
+    here). Saves ``x_in`` and ``x_out`` only: ``z = (y - β_l) / γ_l`` with ``y = x_out - x_in``, so
+    ``dγ_l = (Σ dx ⊙ y - β_l ⊙ Σ dx) / γ_l`` and ``dβ_l = Σ dx``; ``dγ_n = w ⊙ Σ d_h ⊙ x̂ + b ⊙ Σ d_h``,
+    ``dβ_n = Σ d_h``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_in, y, lin_scale, lin_shift, weight, bias, norm_scale, norm_shift, eps):
+        x_out = x_in + y
+        h = F.layer_norm(x_out, weight.shape, weight * norm_scale, bias * norm_scale + norm_shift, eps)
+        ctx.eps, ctx.y_dtype, ctx.x_in_dtype = eps, y.dtype, x_in.dtype
+        ctx.save_for_backward(x_in, x_out, lin_scale, lin_shift, weight, bias, norm_scale)
+        return x_out, h
+
+    @staticmethod
+    def backward(ctx, d_out, d_h):
+        x_in, x_out, lin_scale, lin_shift, weight, bias, norm_scale = ctx.saved_tensors
+        w = weight.float() * norm_scale.float()
+        dx, dy, sums = residual_norm_backward_sums(d_h, d_out, x_out, x_in, w, ctx.eps, ctx.y_dtype)
+        sum_dh_xhat, sum_dh, sum_dx, sum_dx_y = sums.unbind(0)
+        grad_norm_scale = weight.float() * sum_dh_xhat + bias.float() * sum_dh
+        grad_lin_scale = (sum_dx_y - lin_shift.float() * sum_dx) / lin_scale.float()
+        dtype = lin_scale.dtype
+        return (
+            dx.to(ctx.x_in_dtype),
+            dy,
+            grad_lin_scale.to(dtype),
+            sum_dx.to(dtype),
+            None,
+            None,
+            grad_norm_scale.to(dtype),
+            sum_dh.to(dtype),
+            None,
+        )
+
+
+class _ResidualSSF(torch.autograd.Function):
+    """``x_out = x_in + y`` for the last block's ``fc2`` (no LayerNorm follows inside the chain)."""
+
+    @staticmethod
+    def forward(ctx, x_in, y, lin_scale, lin_shift):
+        x_out = x_in + y
+        ctx.y_dtype, ctx.x_in_dtype = y.dtype, x_in.dtype
+        ctx.save_for_backward(x_in, x_out, lin_scale, lin_shift)
+        return x_out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x_in, x_out, lin_scale, lin_shift = ctx.saved_tensors
+        d = d_out.reshape(-1, d_out.shape[-1]).float()
+        sum_dx = d.sum(0)
+        sum_dx_y = (d * (x_out.float() - x_in.float()).reshape(d.shape)).sum(0)
+        grad_lin_scale = (sum_dx_y - lin_shift.float() * sum_dx) / lin_scale.float()
+        dtype = lin_scale.dtype
+        return d_out.to(ctx.x_in_dtype), d_out.to(ctx.y_dtype), grad_lin_scale.to(dtype), sum_dx.to(dtype)
+
+
+def _site_rows(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    index = site.routing.index
+    return site.ssf_scale[index], site.ssf_shift[index]
+
+
+def _residual_norm(x: torch.Tensor, y: torch.Tensor, linear_site: nn.Module, norm_site: nn.Module):
+    norm = norm_site.base_layer
+    scale, shift = _site_rows(norm_site)
+    args = (norm.weight, norm.bias, scale, shift, norm.eps)
+    return _ResidualNormSSF.apply(x, y, *_site_rows(linear_site), *args)
+
+
+# ----------------------------------------------------------------------------------------------- the modules
+class FusedBlockChain(nn.Sequential):
+    """A ViT's ``blocks`` whose fused training path runs each residual add and LayerNorm as one op (above).
+
+    ``MultiTaskSSF`` gives this class to ``blocks`` when every block is eligible (see :func:`adopt_fused_blocks`);
+    modules and keys stay timm's, and every case the fused path does not take is ``nn.Sequential``'s forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused(x):
+            return super().forward(x)
+        pending = None  # the previous block's fc2 output and site, not yet added to the residual stream
+        for block in self:
+            if pending is None:
+                h = block.norm1(x)
+            else:
+                x, h = _residual_norm(x, *pending, block.norm1)
+            y = block.attn.proj.fast_forward_sums_elsewhere(block.attn.attend(h))
+            x, h = _residual_norm(x, y, block.attn.proj, block.norm2)
+            mlp = block.mlp
+            hidden = mlp.hidden(h) if isinstance(mlp, FusedGeluMlp) else mlp.drop1(mlp.act(mlp.fc1(h)))
+            pending = (mlp.fc2.fast_forward_sums_elsewhere(mlp.norm(hidden)), mlp.fc2)
+        y, fc2 = pending
+        return _ResidualSSF.apply(x, y, *_site_rows(fc2))
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """The fused path applies to this batch (one task, CUDA or forced) and no dropout is active."""
+        if len(self) == 0 or not self[0].norm1.uses_fast_path(x):
+            return False
+        if not self.training:
+            return True
+        return all(_dropout_off(block) for block in self)
+
+
+def _dropout_off(block: nn.Module) -> bool:
+    drops = (block.attn.proj_drop, block.mlp.drop2)
+    return all(not isinstance(d, nn.Dropout) or d.p == 0 for d in drops)
+
+
+def _is_ssf_site(module: nn.Module, kind: str) -> bool:
+    from .ssf import SSFLayer
+
+    return (
+        isinstance(module, SSFLayer)
+        and module._fast_kind == kind
+        and module.ssf_shift is not None
+        and getattr(module.base_layer, "bias", None) is not None
+    )
+
+
+def _eligible_block(block: nn.Module) -> bool:
+    """Exactly timm's ``Block`` with SSF LayerNorms, adopted attention, an SSF ``proj``/``fc2`` with shifts, and
+    no layer scale or stochastic depth (the chain adds each branch to the residual stream as it is)."""
+    mlp = getattr(block, "mlp", None)
+    attn = getattr(block, "attn", None)
+    return (
+        type(block) is TimmBlock
+        and type(attn) is MixedTaskAttention
+        and type(mlp) in (TimmMlp, FusedGeluMlp)
+        and all(_is_ssf_site(getattr(block, n), "layer_norm") for n in ("norm1", "norm2"))
+        and _is_ssf_site(attn.proj, "linear")
+        and _is_ssf_site(mlp.fc2, "linear")
+        and all(type(getattr(block, n)) is nn.Identity for n in ("ls1", "ls2", "drop_path1", "drop_path2"))
+    )
+
+
+def adopt_fused_blocks(backbone: nn.Module) -> bool:
+    """Switch ``backbone.blocks`` to :class:`FusedBlockChain` if it is an ``nn.Sequential`` of eligible blocks."""
+    blocks = getattr(backbone, "blocks", None)
+    if type(blocks) is not nn.Sequential or len(blocks) == 0 or not all(_eligible_block(b) for b in blocks):
+        return False
+    blocks.__class__ = FusedBlockChain
+    return True
+
+
+def restore_timm_blocks(model: nn.Module) -> None:
+    """Give a :class:`FusedBlockChain` back ``nn.Sequential`` (the folded, exported model is plain timm)."""
+    for module in model.modules():
+        if type(module) is FusedBlockChain:
+            module.__class__ = nn.Sequential

@@ -1,0 +1,170 @@
+"""The residual stream's fused training path: the Triton kernel (in the interpreter), its torch version, the chain."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.testing import assert_close
+
+from conftest import make_backbone, make_images, run_in_triton_interpreter
+from ssf_tasks import MultiTaskSSF, fused_block
+from ssf_tasks.fused_block import FusedBlockChain, residual_norm_backward_sums
+from ssf_tasks.ssf import _FrozenOpSSF
+
+KERNEL_CHECK = """
+import json
+import torch
+from ssf_tasks import fused_block
+
+torch.manual_seed(0)
+errors = {}
+shapes = [(3, 70, 200), (2, 197, 64), (1000, 130), (5, 33)]  # rows and channels that fill no whole block
+default = (fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS)
+tiles = [default, (1, 4, 3), (8, 2, 1000)]  # the submitted tile; few chunks of many rows; one row block a chunk
+for block_r, warps, programs in tiles:
+    fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS = block_r, warps, programs
+    for shape in shapes:
+        channels = shape[-1]
+        d_h, d_out, x_in = torch.randn(*shape), torch.randn(*shape), 3 + torch.randn(*shape)
+        x_out = x_in + torch.randn(*shape)
+        weight = 1 + 0.3 * torch.randn(channels)
+        wide = [t.double() for t in (d_h, d_out, x_out, x_in, weight)]
+        expected = fused_block._residual_norm_backward_torch(*wide, 1e-6, torch.float64)
+        # fp32 throughout: dy is dx (not written)
+        dx, dy, sums = fused_block._residual_norm_backward_op(d_h, d_out, x_out, x_in, weight, 1e-6, torch.float32)
+        errors[f"{block_r}/{shape}/fp32 dy empty"] = float(dy.numel())
+        for name, a, b in (("dx", dx, expected[0]), ("sums", sums, expected[2])):
+            errors[f"{block_r}/{shape}/fp32 {name}"] = float((a.double() - b).abs().max() / b.abs().max())
+        # as under bf16 autocast: the norm's output gradient in bf16, the stream in fp32, dy in bf16
+        d_h16 = d_h.bfloat16()
+        expected = fused_block._residual_norm_backward_torch(
+            d_h16.double(), *wide[1:], 1e-6, torch.float64
+        )
+        dx, dy, sums = fused_block._residual_norm_backward_op(d_h16, d_out, x_out, x_in, weight, 1e-6, torch.bfloat16)
+        errors[f"{block_r}/{shape}/mixed dy dtype"] = float(dy.dtype == torch.bfloat16)
+        # dy is dx rounded to bf16: within one bf16 step of dx (the interpreter rounds towards zero)
+        steps = (dy.float() - dx).abs() / (dx.abs() * 2**-7).clamp_min(1e-30)
+        errors[f"{block_r}/{shape}/mixed dy is dx rounded"] = float(steps.max())
+        for name, a, b in (("dx", dx, expected[0]), ("sums", sums, expected[2])):
+            errors[f"{block_r}/{shape}/mixed {name}"] = float((a.double() - b).abs().max() / b.abs().max())
+print(json.dumps(errors))
+"""
+
+
+def test_kernel_matches_the_torch_version_in_the_interpreter():
+    pytest.importorskip("triton")
+    errors = run_in_triton_interpreter(KERNEL_CHECK)
+    assert len(errors) == 3 * 4 * 7
+    assert all(v == 0 for k, v in errors.items() if k.endswith("dy empty")), errors
+    assert all(v == 1 for k, v in errors.items() if k.endswith("dy dtype")), errors
+    assert all(v <= 1 for k, v in errors.items() if k.endswith("is dx rounded")), errors
+    numeric = {k: v for k, v in errors.items() if k.endswith((" dx", " sums"))}
+    assert len(numeric) == 3 * 4 * 4
+    assert all(v < 1e-5 for v in numeric.values()), numeric  # fp32 against fp64, on the same bf16 inputs
+
+
+def test_torch_version_is_the_residual_add_and_layer_norm_backward_with_its_sums():
+    torch.manual_seed(0)
+    shape = (2, 9, 12)
+    x_in = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(12, dtype=torch.float64)).requires_grad_(True)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    d_h, d_out = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    x_out = x_in + y
+    h = F.layer_norm(x_out, (12,), weight, bias, 1e-5)
+    torch.autograd.backward([h, x_out], [d_h, d_out])
+    kept = (x_out.detach(), x_in.detach(), weight.detach())
+    dx, dy, sums = residual_norm_backward_sums(d_h, d_out, *kept, 1e-5, y.dtype)
+    assert_close(dx, x_in.grad)
+    assert dy is dx
+    assert_close(y.grad, dx)
+    assert_close(sums[0], weight.grad)  # Σ d_h ⊙ x̂
+    assert_close(sums[1], bias.grad)  # Σ d_h
+    assert_close(sums[2], y.grad.sum((0, 1)))
+    assert_close(sums[3], (y.grad * y.detach()).sum((0, 1)))
+    with pytest.raises(ValueError, match="one shape"):
+        residual_norm_backward_sums(d_h, d_out[:1], x_out, x_in, weight, 1e-5, y.dtype)
+
+
+def test_vit_blocks_take_the_chain_class_and_the_fold_gives_timm_back():
+    model = MultiTaskSSF(timm.create_model("test_vit", num_classes=0))
+    model.add_task("a", 3)
+    assert type(model.backbone.blocks) is FusedBlockChain
+    folded = model.fold("a")
+    assert type(folded.blocks) is nn.Sequential
+
+
+@pytest.mark.parametrize("option", [{"init_values": 1e-5}, {"drop_path_rate": 0.1}])
+def test_blocks_with_layer_scale_or_stochastic_depth_keep_timm_class(option):
+    """The chain adds each branch to the stream as it is: a layer scale or a dropped path would be skipped."""
+    model = MultiTaskSSF(timm.create_model("test_vit", num_classes=0, **option))
+    assert type(model.backbone.blocks) is nn.Sequential
+
+
+def _count_calls(monkeypatch):
+    calls = {"norm": 0, "kept": []}
+    original_sums = fused_block.residual_norm_backward_sums
+    original_apply = _FrozenOpSSF.apply
+
+    def sums(*args):
+        calls["norm"] += 1
+        return original_sums(*args)
+
+    def apply(*args):
+        calls["kept"].append(args[6])  # what the Linear/Conv op saves for backward
+        return original_apply(*args)
+
+    monkeypatch.setattr(fused_block, "residual_norm_backward_sums", sums)
+    monkeypatch.setattr(_FrozenOpSSF, "apply", apply)
+    return calls
+
+
+def test_chain_runs_one_norm_op_per_layer_norm_site_after_a_linear(monkeypatch):
+    """On the fast path every LayerNorm but the first runs the fused op, and ``proj``/``fc2`` keep nothing: their
+    sums come out of the next norm's backward (the values are checked against the eager path in
+    test_model.test_fast_path_matches_eager_outputs_and_gradients)."""
+    calls = _count_calls(monkeypatch)
+    model = MultiTaskSSF(make_backbone("vit"))
+    model.add_task("a", 4)
+    model.set_fast_path(True)
+    model.train()
+    model(make_images("vit"), "a")[:, :4].sum().backward()
+    depth = len(model.backbone.blocks)
+    assert calls["norm"] == 2 * depth - 1
+    # per block: qkv keeps its output (attention keeps it), proj and fc2 keep nothing, fc1 its output; the stem
+    assert sorted(calls["kept"]) == sorted(["output"] + ["output", "nothing", "output", "nothing"] * depth)
+
+
+def test_chain_is_left_for_mixed_batches_and_active_dropout(monkeypatch):
+    calls = _count_calls(monkeypatch)
+    model = MultiTaskSSF(make_backbone("vit"), sigma=0.2)
+    model.add_tasks({"a": 4, "b": 2})
+    model.set_fast_path(True)
+    model.train()
+    images = make_images("vit")
+    model(images, ["a", "b", "a"]).nan_to_num(neginf=0).sum().backward()
+    assert calls["norm"] == 0
+    model.zero_grad(set_to_none=True)
+    # dropout after proj, active in training: the chain would skip it, so timm's blocks run (MultiTaskSSF keeps
+    # the backbone in eval mode, so this takes a backbone put in training mode by hand)
+    model.backbone.blocks[0].attn.proj_drop.p = 0.5
+    model.backbone.blocks.train()
+    model(images, "a")[:, :4].sum().backward()
+    assert calls["norm"] == 0
+    model.backbone.blocks.eval()  # dropout off: the chain again
+    with torch.no_grad():
+        model(images, "a")
+    assert calls["norm"] == 0  # forward only: the op's backward never ran
+    assert any(kept == "nothing" for kept in calls["kept"])
+
+
+def test_frozen_op_refuses_an_unknown_keep():
+    x, weight, bias, scale = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4), torch.ones(4)
+    with pytest.raises(ValueError, match="keep must be"):
+        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "everything", None, None)
+    with pytest.raises(ValueError, match="output saved"):
+        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "nothing", None, "gelu")
