@@ -21,7 +21,6 @@ import torch
 from timm.layers import Mlp as TimmMlp
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
-from torch.nn import functional as F
 
 from .fused_mlp import FusedGeluMlp
 from .mixed_attention import MixedTaskAttention
@@ -47,22 +46,29 @@ def residual_norm_backward_sums(
     d_out: torch.Tensor,
     x_out: torch.Tensor,
     x_in: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
     weight: torch.Tensor,
-    eps: float,
     y_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``x_out = x_in + y; h = layer_norm(x_out) ⊙ weight + bias`` (normalised over the last axis).
 
-    ``d_h`` and ``d_out`` are the gradients of ``h`` and of ``x_out`` (the residual stream going on). Returns
-    ``dx``, the gradient of ``x_in`` (in ``x_out``'s dtype), the same values in ``y_dtype`` (the gradient of
-    ``y``, which the Linear before takes), and the fp32 sums ``[4, C]`` over every row: ``Σ d_h ⊙ x̂``, ``Σ d_h``,
-    ``Σ dx`` and ``Σ dx ⊙ y`` with ``x̂`` the normalised ``x_out`` and ``y = x_out - x_in``. The norm's statistics
-    are recomputed from ``x_out``.
+    ``d_h`` and ``d_out`` are the gradients of ``h`` and of ``x_out`` (the residual stream going on); ``mean``
+    and ``rstd`` are the norm's statistics per row, as its forward saved them. Returns ``dx``, the gradient of
+    ``x_in`` (in ``x_out``'s dtype), the same values in ``y_dtype`` (the gradient of ``y``, which the Linear
+    before takes), and the fp32 sums ``[4, C]`` over every row: ``Σ d_h ⊙ x̂``, ``Σ d_h``, ``Σ dx`` and
+    ``Σ dx ⊙ y`` with ``x̂`` the normalised ``x_out`` and ``y = x_out - x_in``.
     """
-    if not (d_h.shape == d_out.shape == x_out.shape == x_in.shape) or weight.shape != x_out.shape[-1:]:
+    rows = x_out.numel() // max(x_out.shape[-1], 1)
+    if (
+        not (d_h.shape == d_out.shape == x_out.shape == x_in.shape)
+        or weight.shape != x_out.shape[-1:]
+        or mean.numel() != rows
+        or rstd.numel() != rows
+    ):
         raise ValueError(
-            "residual_norm_backward_sums needs four tensors of one shape and a weight of their last size, got "
-            f"{[tuple(t.shape) for t in (d_h, d_out, x_out, x_in, weight)]}"
+            "residual_norm_backward_sums needs four tensors of one shape, a statistic per row and a weight of "
+            f"their last size, got {[tuple(t.shape) for t in (d_h, d_out, x_out, x_in, mean, rstd, weight)]}"
         )
     kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     tensors = (d_h, d_out, x_out, x_in)
@@ -74,19 +80,18 @@ def residual_norm_backward_sums(
         and x_out.shape[-1] <= _MAX_CHANNELS
     ):
         contiguous = [t.contiguous() for t in tensors]
-        dx, dy, sums = _residual_norm_backward_op(*contiguous, weight.float().contiguous(), float(eps), y_dtype)
+        statistics = [t.float().reshape(rows) for t in (mean, rstd)]
+        dx, dy, sums = _residual_norm_backward_op(*contiguous, *statistics, weight.float().contiguous(), y_dtype)
         return dx, dx if y_dtype == x_out.dtype else dy, sums
-    return _residual_norm_backward_torch(d_h, d_out, x_out, x_in, weight, eps, y_dtype)
+    return _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y_dtype)
 
 
-def _residual_norm_backward_torch(d_h, d_out, x_out, x_in, weight, eps, y_dtype):
+def _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y_dtype):
     accumulate = torch.promote_types(x_out.dtype, torch.float32)
     channels = x_out.shape[-1]
     x = x_out.reshape(-1, channels).to(accumulate)
-    mean = x.mean(-1, keepdim=True)
-    centred = x - mean
-    rstd = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
-    x_hat = centred * rstd
+    rstd = rstd.reshape(-1, 1).to(accumulate)
+    x_hat = (x - mean.reshape(-1, 1).to(accumulate)) * rstd
     dh = d_h.reshape(-1, channels).to(accumulate)
     g = dh * weight.to(accumulate)
     dx = d_out.reshape(-1, channels).to(accumulate) + rstd * (
@@ -108,6 +113,8 @@ if triton is not None:
         d_out_ptr,
         x_out_ptr,
         x_in_ptr,
+        mean_ptr,
+        rstd_ptr,
         weight_ptr,
         dx_ptr,
         dy_ptr,
@@ -115,56 +122,53 @@ if triton is not None:
         rows,
         channels,
         rows_per_chunk,
-        eps,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
         WRITE_DY: tl.constexpr,
     ):
-        # One program per chunk of rows, whole rows at a time: writes dx (and dy, dx in y's dtype where that
-        # differs) and one [4, C] row of partial sums.
+        # One program per chunk of rows, BLOCK_R whole rows at a time: writes dx (and dy, dx in y's dtype where
+        # that differs) and one [4, C] row of partial sums, in a fixed order.
         chunk = tl.program_id(0)
         columns = tl.arange(0, BLOCK_C)
         column_ok = columns < channels
         weight = tl.load(weight_ptr + columns, mask=column_ok, other=0.0)
-        acc_dh_xhat = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        acc_dh = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        acc_dx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        acc_dx_y = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        acc_dh_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_dh = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_dx_y = tl.zeros((BLOCK_C,), dtype=tl.float32)
         first = chunk * rows_per_chunk
         last = tl.minimum(first + rows_per_chunk, rows)
         for start in tl.range(first, last, BLOCK_R):
             row = start + tl.arange(0, BLOCK_R)
-            ok = (row < last)[:, None] & column_ok[None, :]
+            row_ok = row < last
+            ok = row_ok[:, None] & column_ok[None, :]
             offsets = row.to(tl.int64)[:, None] * channels + columns[None, :]
+            mean = tl.load(mean_ptr + row, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
             x = tl.load(x_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-            mean = tl.sum(x, 1) / channels
-            centred = tl.where(ok, x - mean[:, None], 0.0)
-            # (inductor may hand ``eps`` over as an fp64 scalar: keep the statistics in fp32)
-            rstd = tl.math.rsqrt((tl.sum(centred * centred, 1) / channels + eps).to(tl.float32))
-            x_hat = centred * rstd[:, None]
+            x_hat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
             dh = tl.load(d_h_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
             g = dh * weight[None, :]
             mean_g = tl.sum(g, 1) / channels
             mean_g_xhat = tl.sum(g * x_hat, 1) / channels
             d_out = tl.load(d_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
             dx = d_out + rstd[:, None] * (g - mean_g[:, None] - x_hat * mean_g_xhat[:, None])
-            dx = tl.where(ok, dx, 0.0)
             tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
             if WRITE_DY:
                 tl.store(dy_ptr + offsets, dx.to(dy_ptr.dtype.element_ty), mask=ok)
             y = x - tl.load(x_in_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-            acc_dh_xhat += dh * x_hat
-            acc_dh += dh
-            acc_dx += dx
-            acc_dx_y += dx * y
+            acc_dh_xhat += tl.sum(dh * x_hat, 0)
+            acc_dh += tl.sum(dh, 0)
+            acc_dx += tl.sum(dx, 0)
+            acc_dx_y += tl.sum(dx * y, 0)
         out = partial_ptr + chunk * 4 * channels + columns
-        tl.store(out, tl.sum(acc_dh_xhat, 0), mask=column_ok)
-        tl.store(out + channels, tl.sum(acc_dh, 0), mask=column_ok)
-        tl.store(out + 2 * channels, tl.sum(acc_dx, 0), mask=column_ok)
-        tl.store(out + 3 * channels, tl.sum(acc_dx_y, 0), mask=column_ok)
+        tl.store(out, acc_dh_xhat, mask=column_ok)
+        tl.store(out + channels, acc_dh, mask=column_ok)
+        tl.store(out + 2 * channels, acc_dx, mask=column_ok)
+        tl.store(out + 3 * channels, acc_dx_y, mask=column_ok)
 
-    _BLOCK_R, _WARPS, _STAGES = 4, 4, 1
-    _PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
+    _BLOCK_R, _WARPS, _STAGES = 1, 4, 1
+    _PROGRAMS = 528  # four per streaming multiprocessor of an H100 (132)
 
     # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included)
     # and fuses the small sum of the partials after it.
@@ -174,11 +178,16 @@ if triton is not None:
         d_out: torch.Tensor,
         x_out: torch.Tensor,
         x_in: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
         weight: torch.Tensor,
-        eps: float,
         y_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel on contiguous tensors of one shape (see ``residual_norm_backward_sums``)."""
+        """The kernel on contiguous tensors of one shape and fp32 statistics (see ``residual_norm_backward_sums``).
+
+        Where ``y_dtype`` is ``x_out``'s, ``dy`` is not written (an empty tensor): it is ``dx``, and a custom op
+        may not return an alias of another output.
+        """
         channels = x_out.shape[-1]
         rows = x_out.numel() // channels
         chunks = max(1, min(triton.cdiv(rows, _BLOCK_R), _PROGRAMS))
@@ -189,11 +198,10 @@ if triton is not None:
         dy = torch.empty_like(x_out, dtype=y_dtype) if write_dy else x_out.new_empty(0)
         partial = torch.empty(chunks, 4, channels, device=x_out.device, dtype=torch.float32)
         torch.library.wrap_triton(_residual_norm_backward_kernel)[(chunks,)](
-            d_h, d_out, x_out, x_in, weight, dx, dy, partial, rows, channels, rows_per_chunk, eps,
+            d_h, d_out, x_out, x_in, mean, rstd, weight, dx, dy, partial, rows, channels, rows_per_chunk,
             BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels), WRITE_DY=write_dy,
             num_warps=_WARPS, num_stages=_STAGES,
         )  # fmt: skip
-        # Where y has dx's dtype, dy is dx: the caller uses dx (a custom op may not return an alias of dx).
         return dx, dy, partial.sum(0)
 
 
@@ -201,7 +209,7 @@ if triton is not None:
 class _ResidualNormSSF(torch.autograd.Function):
     """``x_out = x_in + y`` and ``h = LN(x_out) ⊙ (w ⊙ γ_n) + (b ⊙ γ_n + β_n)``, where ``y`` came out of a Linear
     site with ``γ_l``/``β_l`` folded in (``SSFLayer.fast_forward_sums_elsewhere``, which leaves their gradients
-    here). Saves ``x_in`` and ``x_out`` only: ``z = (y - β_l) / γ_l`` with ``y = x_out - x_in``, so
+    here). Saves ``x_in``, ``x_out`` and the norm's statistics: ``z = (y - β_l) / γ_l`` with ``y = x_out - x_in``, so
     ``dγ_l = (Σ dx ⊙ y - β_l ⊙ Σ dx) / γ_l`` and ``dβ_l = Σ dx``; ``dγ_n = w ⊙ Σ d_h ⊙ x̂ + b ⊙ Σ d_h``,
     ``dβ_n = Σ d_h``.
     """
@@ -209,16 +217,17 @@ class _ResidualNormSSF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_in, y, lin_scale, lin_shift, weight, bias, norm_scale, norm_shift, eps):
         x_out = x_in + y
-        h = F.layer_norm(x_out, weight.shape, weight * norm_scale, bias * norm_scale + norm_shift, eps)
-        ctx.eps, ctx.y_dtype, ctx.x_in_dtype = eps, y.dtype, x_in.dtype
-        ctx.save_for_backward(x_in, x_out, lin_scale, lin_shift, weight, bias, norm_scale)
+        w, b = weight * norm_scale, bias * norm_scale + norm_shift
+        h, mean, rstd = torch.ops.aten.native_layer_norm(x_out, list(weight.shape), w, b, eps)
+        ctx.y_dtype, ctx.x_in_dtype = y.dtype, x_in.dtype
+        ctx.save_for_backward(x_in, x_out, mean, rstd, lin_scale, lin_shift, weight, bias, norm_scale)
         return x_out, h
 
     @staticmethod
     def backward(ctx, d_out, d_h):
-        x_in, x_out, lin_scale, lin_shift, weight, bias, norm_scale = ctx.saved_tensors
+        x_in, x_out, mean, rstd, lin_scale, lin_shift, weight, bias, norm_scale = ctx.saved_tensors
         w = weight.float() * norm_scale.float()
-        dx, dy, sums = residual_norm_backward_sums(d_h, d_out, x_out, x_in, w, ctx.eps, ctx.y_dtype)
+        dx, dy, sums = residual_norm_backward_sums(d_h, d_out, x_out, x_in, mean, rstd, w, ctx.y_dtype)
         sum_dh_xhat, sum_dh, sum_dx, sum_dx_y = sums.unbind(0)
         grad_norm_scale = weight.float() * sum_dh_xhat + bias.float() * sum_dh
         grad_lin_scale = (sum_dx_y - lin_shift.float() * sum_dx) / lin_scale.float()

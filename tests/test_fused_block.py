@@ -23,27 +23,27 @@ torch.manual_seed(0)
 errors = {}
 shapes = [(3, 70, 200), (2, 197, 64), (1000, 130), (5, 33)]  # rows and channels that fill no whole block
 default = (fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS)
-tiles = [default, (1, 4, 3), (8, 2, 1000)]  # the submitted tile; few chunks of many rows; one row block a chunk
+tiles = [default, (2, 4, 3), (8, 2, 1000)]  # the submitted tile; few chunks of many rows; one row block a chunk
 for block_r, warps, programs in tiles:
     fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS = block_r, warps, programs
     for shape in shapes:
         channels = shape[-1]
         d_h, d_out, x_in = torch.randn(*shape), torch.randn(*shape), 3 + torch.randn(*shape)
         x_out = x_in + torch.randn(*shape)
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.double(), [channels], None, None, 1e-6)
         weight = 1 + 0.3 * torch.randn(channels)
-        wide = [t.double() for t in (d_h, d_out, x_out, x_in, weight)]
-        expected = fused_block._residual_norm_backward_torch(*wide, 1e-6, torch.float64)
+        wide = [t.double() for t in (d_h, d_out, x_out, x_in, mean, rstd, weight)]
+        expected = fused_block._residual_norm_backward_torch(*wide, torch.float64)
+        stats = [t.float().flatten() for t in (mean, rstd)]
         # fp32 throughout: dy is dx (not written)
-        dx, dy, sums = fused_block._residual_norm_backward_op(d_h, d_out, x_out, x_in, weight, 1e-6, torch.float32)
+        dx, dy, sums = fused_block._residual_norm_backward_op(d_h, d_out, x_out, x_in, *stats, weight, torch.float32)
         errors[f"{block_r}/{shape}/fp32 dy empty"] = float(dy.numel())
         for name, a, b in (("dx", dx, expected[0]), ("sums", sums, expected[2])):
             errors[f"{block_r}/{shape}/fp32 {name}"] = float((a.double() - b).abs().max() / b.abs().max())
         # as under bf16 autocast: the norm's output gradient in bf16, the stream in fp32, dy in bf16
         d_h16 = d_h.bfloat16()
-        expected = fused_block._residual_norm_backward_torch(
-            d_h16.double(), *wide[1:], 1e-6, torch.float64
-        )
-        dx, dy, sums = fused_block._residual_norm_backward_op(d_h16, d_out, x_out, x_in, weight, 1e-6, torch.bfloat16)
+        expected = fused_block._residual_norm_backward_torch(d_h16.double(), *wide[1:], torch.float64)
+        dx, dy, sums = fused_block._residual_norm_backward_op(d_h16, d_out, x_out, x_in, *stats, weight, torch.bfloat16)
         errors[f"{block_r}/{shape}/mixed dy dtype"] = float(dy.dtype == torch.bfloat16)
         # dy is dx rounded to bf16: within one bf16 step of dx (the interpreter rounds towards zero)
         steps = (dy.float() - dx).abs() / (dx.abs() * 2**-7).clamp_min(1e-30)
@@ -77,8 +77,9 @@ def test_torch_version_is_the_residual_add_and_layer_norm_backward_with_its_sums
     x_out = x_in + y
     h = F.layer_norm(x_out, (12,), weight, bias, 1e-5)
     torch.autograd.backward([h, x_out], [d_h, d_out])
-    kept = (x_out.detach(), x_in.detach(), weight.detach())
-    dx, dy, sums = residual_norm_backward_sums(d_h, d_out, *kept, 1e-5, y.dtype)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.detach(), [12], None, None, 1e-5)
+    kept = (x_out.detach(), x_in.detach(), mean, rstd, weight.detach())
+    dx, dy, sums = residual_norm_backward_sums(d_h, d_out, *kept, y.dtype)
     assert_close(dx, x_in.grad)
     assert dy is dx
     assert_close(y.grad, dx)
@@ -87,7 +88,9 @@ def test_torch_version_is_the_residual_add_and_layer_norm_backward_with_its_sums
     assert_close(sums[2], y.grad.sum((0, 1)))
     assert_close(sums[3], (y.grad * y.detach()).sum((0, 1)))
     with pytest.raises(ValueError, match="one shape"):
-        residual_norm_backward_sums(d_h, d_out[:1], x_out, x_in, weight, 1e-5, y.dtype)
+        residual_norm_backward_sums(d_h, d_out[:1], *kept, y.dtype)
+    with pytest.raises(ValueError, match="statistic per row"):
+        residual_norm_backward_sums(d_h, d_out, x_out, x_in, mean[:1], rstd, weight, y.dtype)
 
 
 def test_vit_blocks_take_the_chain_class_and_the_fold_gives_timm_back():

@@ -293,9 +293,11 @@ def test_residual_norm_backward_kernel_matches_fp64(stream_dtype):
         x_in = (3 + torch.randn(shape, device="cuda")).to(stream_dtype)
         x_out = (x_in.float() + torch.randn(shape, device="cuda").bfloat16().float()).to(stream_dtype)
         weight = 1 + 0.3 * torch.randn(shape[-1], device="cuda")
-        dx, dy, sums = fused_block.residual_norm_backward_sums(d_h, d_out, x_out, x_in, weight, 1e-6, torch.bfloat16)
-        wide = [t.double() for t in (d_h, d_out, x_out, x_in, weight)]
-        expected = fused_block._residual_norm_backward_torch(*wide, 1e-6, torch.float64)
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.float(), [shape[-1]], None, None, 1e-6)
+        kept = (x_out, x_in, mean, rstd, weight)
+        dx, dy, sums = fused_block.residual_norm_backward_sums(d_h, d_out, *kept, torch.bfloat16)
+        wide = [t.double() for t in (d_h, d_out, *kept)]
+        expected = fused_block._residual_norm_backward_torch(*wide, torch.float64)
         assert dy.dtype == torch.bfloat16 and dx.dtype == stream_dtype
         tolerance = 1e-5 if stream_dtype == torch.float32 else 1e-2  # bf16: the rounding of dx itself
         for got, want in ((dx, expected[0]), (dy, expected[0]), (sums, expected[2])):
