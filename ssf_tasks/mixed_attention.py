@@ -286,7 +286,7 @@ class MixedTaskAttention(TimmAttention):
             and isinstance(index, torch.Tensor)
             and index.shape[0] == x.shape[0]
             and not torch.is_grad_enabled()
-            and mixed_attention_available(x, _linear_output_dtype(x))
+            and mixed_attention_available(x, linear_output_dtype(x))
         ):
             out = mixed_ssf_attention(site.base_layer(x), site.ssf_scale, site.ssf_shift, index, self.num_heads)
             return self.proj_drop(self.proj(out))
@@ -307,7 +307,7 @@ class MixedTaskAttention(TimmAttention):
         return out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
 
 
-def _linear_output_dtype(x: torch.Tensor) -> torch.dtype:
+def linear_output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a Linear gives for input ``x``: autocast's (bf16/fp16) where it is on, else ``x``'s own."""
     device = x.device.type
     if torch.is_autocast_enabled(device):

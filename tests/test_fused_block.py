@@ -171,3 +171,20 @@ def test_frozen_op_refuses_an_unknown_keep():
         _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "everything", None, None)
     with pytest.raises(ValueError, match="output saved"):
         _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "nothing", None, "gelu")
+
+
+def test_chain_under_bf16_autocast_matches_the_eager_path():
+    """Under autocast the fused norm op hands its output to the next Linear in bf16 (no cast pass); the
+    gradients stay those of the eager path, within bf16 rounding."""
+    grads = {}
+    for fast in (False, True):
+        model = MultiTaskSSF(make_backbone("vit"), sigma=0.2)
+        model.add_task("a", 4)
+        model.set_fast_path(fast)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(make_images("vit"), "a")[:, :4]
+        logits.float().logsumexp(-1).sum().backward()
+        grads[fast] = {n: s.ssf_scale.grad.float() for n, s in model.named_sites()}
+    for name, eager in grads[False].items():
+        assert_close(grads[True][name], eager, rtol=0.05, atol=0.05 * eager.abs().max().item(), msg=name)

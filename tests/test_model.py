@@ -325,10 +325,10 @@ def test_graphed_forward_needs_cuda_inputs():
 
 def test_mixed_attention_sees_the_dtype_autocast_gives_the_qkv_projection():
     """Under autocast, LayerNorm hands attention fp32 but qkv comes out in bf16: the kernel is judged on the latter."""
-    from ssf_tasks.mixed_attention import _linear_output_dtype
+    from ssf_tasks.mixed_attention import linear_output_dtype
 
     x = torch.zeros(2, 4)
-    assert _linear_output_dtype(x) == torch.float32
+    assert linear_output_dtype(x) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _linear_output_dtype(x) == torch.bfloat16
+        assert linear_output_dtype(x) == torch.bfloat16
         assert torch.nn.functional.linear(x, torch.zeros(3, 4)).dtype == torch.bfloat16
