@@ -55,9 +55,10 @@ def residual_norm_backward_sums(
 
     ``d_h`` and ``d_out`` are the gradients of ``h`` and of ``x_out`` (the residual stream going on); ``mean``
     and ``rstd`` are the norm's statistics per row, as its forward saved them. Returns ``dx``, the gradient of
-    ``x_in`` (in ``x_out``'s dtype), the same values in ``y_dtype`` (the gradient of ``y``, which the Linear
-    before takes), and the fp32 sums ``[4, C]`` over every row: ``Σ d_h ⊙ x̂``, ``Σ d_h``, ``Σ dx`` and
-    ``Σ dx ⊙ y`` with ``x̂`` the normalised ``x_out`` and ``y = x_out - x_in``.
+    ``x_in`` (in ``x_out``'s dtype), the same values in ``y_dtype`` as a tensor of their own (the gradient of
+    ``y``, which the Linear before takes; never an alias of ``dx``, see ``_ResidualSSF.backward``), and the
+    fp32 sums ``[4, C]`` over every row: ``Σ d_h ⊙ x̂``, ``Σ d_h``, ``Σ dx`` and ``Σ dx ⊙ y`` with ``x̂`` the
+    normalised ``x_out`` and ``y = x_out - x_in``.
     """
     rows = x_out.numel() // max(x_out.shape[-1], 1)
     if (
@@ -82,7 +83,7 @@ def residual_norm_backward_sums(
         contiguous = [t.contiguous() for t in tensors]
         statistics = [t.float().reshape(rows) for t in (mean, rstd)]
         dx, dy, sums = _residual_norm_backward_op(*contiguous, *statistics, weight.float().contiguous(), y_dtype)
-        return dx, dx if y_dtype == x_out.dtype else dy, sums
+        return dx, dy, sums
     return _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y_dtype)
 
 
@@ -100,7 +101,7 @@ def _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y
     y = x - x_in.reshape(-1, channels).to(accumulate)
     sums = torch.stack([(dh * x_hat).sum(0), dh.sum(0), dx.sum(0), (dx * y).sum(0)])
     dx = dx.to(x_out.dtype).view(x_out.shape)
-    return dx, dx.to(y_dtype), sums
+    return dx, dx.to(y_dtype, copy=True), sums
 
 
 _MAX_CHANNELS = 4096  # one row of channels is held in registers by the kernel
@@ -124,7 +125,6 @@ if triton is not None:
         rows_per_chunk,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
-        WRITE_DY: tl.constexpr,
     ):
         # One program per chunk of rows, BLOCK_R whole rows at a time: writes dx (and dy, dx in y's dtype where
         # that differs) and one [4, C] row of partial sums, in a fixed order.
@@ -154,8 +154,7 @@ if triton is not None:
             d_out = tl.load(d_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
             dx = d_out + rstd[:, None] * (g - mean_g[:, None] - x_hat * mean_g_xhat[:, None])
             tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-            if WRITE_DY:
-                tl.store(dy_ptr + offsets, dx.to(dy_ptr.dtype.element_ty), mask=ok)
+            tl.store(dy_ptr + offsets, dx.to(dy_ptr.dtype.element_ty), mask=ok)
             y = x - tl.load(x_in_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
             acc_dh_xhat += tl.sum(dh * x_hat, 0)
             acc_dh += tl.sum(dh, 0)
@@ -167,8 +166,9 @@ if triton is not None:
         tl.store(out + 2 * channels, acc_dx, mask=column_ok)
         tl.store(out + 3 * channels, acc_dx_y, mask=column_ok)
 
-    _BLOCK_R, _WARPS, _STAGES = 1, 4, 1
-    _PROGRAMS = 528  # four per streaming multiprocessor of an H100 (132)
+    # Best of 27 tiles timed on an H200 at ViT-B's shape, [64·197, 768] (residual_norm_kernel_sweep2_session7_h200.txt).
+    _BLOCK_R, _WARPS, _STAGES = 4, 4, 1
+    _PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
 
     # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included)
     # and fuses the small sum of the partials after it.
@@ -183,23 +183,18 @@ if triton is not None:
         weight: torch.Tensor,
         y_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel on contiguous tensors of one shape and fp32 statistics (see ``residual_norm_backward_sums``).
-
-        Where ``y_dtype`` is ``x_out``'s, ``dy`` is not written (an empty tensor): it is ``dx``, and a custom op
-        may not return an alias of another output.
-        """
+        """The kernel on contiguous tensors of one shape and fp32 statistics (see ``residual_norm_backward_sums``)."""
         channels = x_out.shape[-1]
         rows = x_out.numel() // channels
         chunks = max(1, min(triton.cdiv(rows, _BLOCK_R), _PROGRAMS))
         rows_per_chunk = triton.cdiv(triton.cdiv(rows, chunks), _BLOCK_R) * _BLOCK_R
         chunks = triton.cdiv(rows, rows_per_chunk)
         dx = torch.empty_like(x_out)
-        write_dy = y_dtype != x_out.dtype
-        dy = torch.empty_like(x_out, dtype=y_dtype) if write_dy else x_out.new_empty(0)
+        dy = torch.empty_like(x_out, dtype=y_dtype)
         partial = torch.empty(chunks, 4, channels, device=x_out.device, dtype=torch.float32)
         torch.library.wrap_triton(_residual_norm_backward_kernel)[(chunks,)](
             d_h, d_out, x_out, x_in, mean, rstd, weight, dx, dy, partial, rows, channels, rows_per_chunk,
-            BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels), WRITE_DY=write_dy,
+            BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels),
             num_warps=_WARPS, num_stages=_STAGES,
         )  # fmt: skip
         return dx, dy, partial.sum(0)
@@ -266,7 +261,11 @@ class _ResidualSSF(torch.autograd.Function):
         sum_dx_y = (d * (x_out.float() - x_in.float()).reshape(d.shape)).sum(0)
         grad_lin_scale = (sum_dx_y - lin_shift.float() * sum_dx) / lin_scale.float()
         dtype = lin_scale.dtype
-        return d_out.to(ctx.x_in_dtype), d_out.to(ctx.y_dtype), grad_lin_scale.to(dtype), sum_dx.to(dtype)
+        # The two input gradients are distinct tensors even where they have one dtype: the same tensor returned
+        # for both let inductor add into it in place for one while the other still read it (wrong gradients on
+        # the GPU, found in fp32).
+        d_y = d_out.to(ctx.y_dtype, copy=True)
+        return d_out.to(ctx.x_in_dtype), d_y, grad_lin_scale.to(dtype), sum_dx.to(dtype)
 
 
 def _site_rows(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
