@@ -215,8 +215,11 @@ class _ResidualNormSSF(torch.autograd.Function):
         w, b = weight * norm_scale, bias * norm_scale + norm_shift
         h, mean, rstd = torch.ops.aten.native_layer_norm(x_out, list(weight.shape), w, b, eps)
         # Only a Linear reads h (qkv or fc1): give it in the dtype that Linear runs in under autocast, so that
-        # the cast is not a pass of its own, nor is the cast of h's gradient back to fp32.
-        h = h.to(linear_output_dtype(x_out))
+        # the cast is not a pass of its own, nor is the cast of h's gradient back to fp32. (Only where the dtype
+        # changes: returning ``h.to(h.dtype)``, which is ``h`` itself, gave wrong compiled gradients on the GPU.)
+        dtype = linear_output_dtype(x_out)
+        if dtype != h.dtype:
+            h = h.to(dtype)
         ctx.y_dtype, ctx.x_in_dtype = y.dtype, x_in.dtype
         ctx.save_for_backward(x_in, x_out, mean, rstd, lin_scale, lin_shift, weight, bias, norm_scale)
         return x_out, h
