@@ -2,7 +2,7 @@
 
 One ViT-B LayerNorm site at batch 64 ([64·197, 768], gradients of the norm's output in bf16, the residual
 stream in fp32, as under bf16 autocast): torch.compile's LayerNorm backward with the residual add and no sums
-(what the frozen backbone's step runs), the same with the six column sums written in torch (what torch.compile
+(what the frozen backbone's step runs), the same with the four column sums written in torch (what torch.compile
 would make of the op's backward), and the Triton kernel at a set of tiles, each checked against an fp64
 reference. Timed one call at a time from Python: it ranks tiles; only the training step's profile compares the
 kernel with torch.compile's kernels in place. Times are of CUDA-graph replays (``do_bench_cudagraph``), so the
@@ -65,7 +65,7 @@ def main(sweep: bool, rows: int = 64 * 197, channels: int = 768) -> tuple[int, i
     args = (d_h, d_out, x_out, x_in, mean, rstd, weight, torch.bfloat16)
     in_torch(*args)
     t_torch = do_bench_cudagraph(lambda: in_torch(*args), rep=300) * 1000
-    print(f"   the same with the six sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
+    print(f"   the same with the four sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
     default = (fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS, fused_block._STAGES)
     tiles = [default]
     if sweep:

@@ -339,7 +339,8 @@ def adopt_mixed_attention(backbone: nn.Module) -> int:
             module.__class__ = MixedTaskAttention
             if isinstance(module.proj, SSFLayer):
                 # Attention keeps its output for its own backward: the fused training path of ``proj`` keeps
-                # that (its input) too, rather than its own output, which nothing else keeps.
+                # that (its input) too, rather than its own output, which nothing else keeps. (In ViT's fused block
+                # chain ``proj`` keeps nothing: its sums come out of the next norm's backward, see fused_block.)
                 module.proj.keep_input = True
             count += 1
     return count

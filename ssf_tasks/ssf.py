@@ -119,8 +119,9 @@ class SSFLayer(nn.Module):
           forward is the op alone. The frozen op needs no saved input; its output is saved instead, and γ's
           gradient is computed from it (``z = (y - β) / γ``). That output is usually saved by the next op anyway
           (GELU, attention), so it costs no memory, unlike ``x * γ + β``, which keeps its own input. Where the
-          input is the one kept anyway (``keep_input``: ``proj`` after attention), it is saved instead and ``z``
-          is recomputed from it. ``keep="nothing"`` saves neither and leaves γ/β's gradients to the caller.
+          input is the one kept anyway (``keep_input``: ``proj`` after attention, outside ViT's fused block chain),
+          it is saved instead and ``z`` is recomputed from it. ``keep="nothing"`` saves neither and leaves γ/β's
+          gradients to the caller (``proj`` and ``fc2`` in the chain, see ``fused_block``).
         """
         base = self.base_layer
         scale = self.ssf_scale[index]

@@ -188,3 +188,31 @@ def test_chain_under_bf16_autocast_matches_the_eager_path():
         grads[fast] = {n: s.ssf_scale.grad.float() for n, s in model.named_sites()}
     for name, eager in grads[False].items():
         assert_close(grads[True][name], eager, rtol=0.05, atol=0.05 * eager.abs().max().item(), msg=name)
+
+
+def test_chain_gradients_with_trained_layer_norm_affines_match_the_eager_path():
+    """LayerNorms with weights and biases away from 1 and 0 (as in a pretrained backbone): the norm sites'
+    ``dγ = w ⊙ Σ d_h ⊙ x̂ + b ⊙ Σ d_h`` needs both terms, which a fresh model's w = 1, b = 0 would hide."""
+    results = {}
+    for fast in (False, True):
+        backbone = make_backbone("vit")
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for module in backbone.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+                    module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
+        model = MultiTaskSSF(backbone, sigma=0.2)
+        model.add_task("a", 4)
+        model.set_fast_path(fast)
+        model.train()
+        model(make_images("vit"), "a")[:, :4].logsumexp(-1).sum().backward()
+        results[fast] = {
+            f"{name}.{kind}": getattr(site, kind).grad.clone()
+            for name, site in model.named_sites()
+            for kind in ("ssf_scale", "ssf_shift")
+            if getattr(site, kind) is not None
+        }
+    assert any("norm2" in key for key in results[True])
+    for key, eager in results[False].items():
+        assert_close(results[True][key], eager, rtol=1e-4, atol=1e-6, msg=key)

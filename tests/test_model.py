@@ -246,8 +246,9 @@ def test_backbone_errors():
 def test_fast_path_matches_eager_outputs_and_gradients(family, keep_input):
     """The fused single-task path (used on GPU) computes the same values and gradients as the eager path.
 
-    ``keep_input``: None keeps each site's own choice (ViT's ``proj`` keeps its input); True/False force
-    every site to recompute ``z`` from its input, or to read it off its output.
+    ``keep_input``: None keeps each site's own choice (ViT's ``proj`` keeps its input off the block chain, and
+    nothing on it); True/False force every site off the chain to recompute ``z`` from its input, or to read it
+    off its output. For ViT this runs the block chain of ``fused_block``.
     """
     results = {}
     for fast in (False, True):
