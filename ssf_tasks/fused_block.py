@@ -83,8 +83,7 @@ def residual_norm_backward_sums(
     ):
         contiguous = [t.contiguous() for t in tensors]
         statistics = [t.float().reshape(rows) for t in (mean, rstd)]
-        dx, dy, sums = _residual_norm_backward_op(*contiguous, *statistics, weight.float().contiguous(), y_dtype)
-        return dx, dy, sums
+        return _residual_norm_backward_op(*contiguous, *statistics, weight.float().contiguous(), y_dtype)
     return _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y_dtype)
 
 
