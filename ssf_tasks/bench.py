@@ -26,8 +26,9 @@ import torch._functorch.config as functorch_config
 from torch import nn
 from torch.nn import functional as F
 
-from .fused_block import restore_timm_blocks
-from .fused_mlp import restore_timm_mlp
+from .fold import restore_timm_classes
+from .fused_block import FusedBlockChain
+from .fused_mlp import FusedGeluMlp
 from .graphed import GraphedForward
 from .model import MultiTaskSSF
 
@@ -411,9 +412,9 @@ def ssf_training_variant(
     """
     model = MultiTaskSSF(timm.create_model(model_name, num_classes=0).to(device))
     if not fused_mlp:
-        restore_timm_mlp(model.backbone)
+        restore_timm_classes(model.backbone, (FusedGeluMlp,))
     if not fused_blocks:
-        restore_timm_blocks(model.backbone)
+        restore_timm_classes(model.backbone, (FusedBlockChain,))
     model.add_task("task", classes)
     model.set_fast_path(None if fast else False)
     model.train()

@@ -14,15 +14,27 @@ import torch
 from torch import nn
 
 from .errors import FoldError
-from .fused_block import restore_timm_blocks
-from .fused_mlp import restore_timm_mlp
-from .mixed_attention import restore_timm_attention
+from .fused_block import FusedBlockChain
+from .fused_mlp import FusedGeluMlp
+from .mixed_attention import MixedTaskAttention
 from .ssf import fold_bias, fold_rows
 
 if TYPE_CHECKING:
     from .model import MultiTaskSSF
 
-__all__ = ["fold_task", "fold_error"]
+__all__ = ["fold_task", "fold_error", "restore_timm_classes", "ADOPTED_CLASSES"]
+
+# The classes ``MultiTaskSSF`` gives to timm modules (by switching ``__class__``); each directly subclasses the
+# class it replaces, so keys and parameters stay timm's and the switch back is exact.
+ADOPTED_CLASSES = (MixedTaskAttention, FusedGeluMlp, FusedBlockChain)
+
+
+def restore_timm_classes(model: nn.Module, classes: tuple[type, ...] = ADOPTED_CLASSES) -> None:
+    """Give every module of one of ``classes`` (default: all of ssf-tasks' adopted classes) the class it
+    replaced; the folded, exported model is plain timm."""
+    for module in model.modules():
+        if type(module) in classes:
+            module.__class__ = type(module).__bases__[0]
 
 
 def fold_task(model: MultiTaskSSF, name: str) -> nn.Module:
@@ -39,9 +51,7 @@ def fold_task(model: MultiTaskSSF, name: str) -> nn.Module:
     sites = model.named_sites()
     skip_tables = {id(p): None for _, s in sites for p in (s.ssf_scale, s.ssf_shift) if p is not None}
     folded = copy.deepcopy(model.backbone, memo=skip_tables)
-    restore_timm_attention(folded)
-    restore_timm_mlp(folded)
-    restore_timm_blocks(folded)
+    restore_timm_classes(folded)
     with torch.no_grad():
         for site_name, site in sites:
             base = folded.get_submodule(site_name).base_layer

@@ -30,7 +30,6 @@ __all__ = [
     "FusedBlockChain",
     "adopt_fused_blocks",
     "residual_norm_backward_sums",
-    "restore_timm_blocks",
 ]
 
 try:
@@ -358,10 +357,3 @@ def adopt_fused_blocks(backbone: nn.Module) -> bool:
         return False
     blocks.__class__ = FusedBlockChain
     return True
-
-
-def restore_timm_blocks(model: nn.Module) -> None:
-    """Give a :class:`FusedBlockChain` back ``nn.Sequential`` (the folded, exported model is plain timm)."""
-    for module in model.modules():
-        if type(module) is FusedBlockChain:
-            module.__class__ = nn.Sequential

@@ -20,7 +20,7 @@ import torch
 from timm.layers import Mlp as TimmMlp
 from torch import nn
 
-__all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward_sums", "restore_timm_mlp"]
+__all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward_sums"]
 
 try:
     import triton
@@ -172,10 +172,3 @@ def adopt_fused_mlp(backbone: nn.Module) -> int:
             module.__class__ = FusedGeluMlp
             count += 1
     return count
-
-
-def restore_timm_mlp(model: nn.Module) -> None:
-    """Give every :class:`FusedGeluMlp` back timm's class (the folded, exported model is plain timm)."""
-    for module in model.modules():
-        if type(module) is FusedGeluMlp:
-            module.__class__ = TimmMlp

@@ -28,7 +28,6 @@ __all__ = [
     "mixed_attention_available",
     "mixed_ssf_attention",
     "mixed_ssf_attention_reference",
-    "restore_timm_attention",
     "tma_available",
 ]
 
@@ -344,10 +343,3 @@ def adopt_mixed_attention(backbone: nn.Module) -> int:
                 module.proj.keep_input = True
             count += 1
     return count
-
-
-def restore_timm_attention(model: nn.Module) -> None:
-    """Give every :class:`MixedTaskAttention` back timm's class (the folded, exported model is plain timm)."""
-    for module in model.modules():
-        if type(module) is MixedTaskAttention:
-            module.__class__ = TimmAttention
