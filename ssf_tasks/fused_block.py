@@ -270,16 +270,11 @@ class _ResidualSSF(torch.autograd.Function):
         return d_out.to(ctx.x_in_dtype), d_y, grad_lin_scale.to(dtype), sum_dx.to(dtype)
 
 
-def _site_rows(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    index = site.routing.index
-    return site.ssf_scale[index], site.ssf_shift[index]
-
-
 def _residual_norm(x: torch.Tensor, y: torch.Tensor, linear_site: nn.Module, norm_site: nn.Module):
     norm = norm_site.base_layer
-    scale, shift = _site_rows(norm_site)
+    scale, shift = norm_site.task_rows(norm_site.routing.index)
     args = (norm.weight, norm.bias, scale, shift, norm.eps)
-    return _ResidualNormSSF.apply(x, y, *_site_rows(linear_site), *args)
+    return _ResidualNormSSF.apply(x, y, *linear_site.task_rows(linear_site.routing.index), *args)
 
 
 # ----------------------------------------------------------------------------------------------- the modules
@@ -307,7 +302,7 @@ class FusedBlockChain(nn.Sequential):
             hidden = mlp.hidden(h) if isinstance(mlp, FusedGeluMlp) else mlp.drop1(mlp.act(mlp.fc1(h)))
             pending = (mlp.fc2.fast_forward_sums_elsewhere(mlp.norm(hidden)), mlp.fc2)
         y, fc2 = pending
-        return _ResidualSSF.apply(x, y, *_site_rows(fc2))
+        return _ResidualSSF.apply(x, y, *fc2.task_rows(fc2.routing.index))
 
     def _fused(self, x: torch.Tensor) -> bool:
         """The fused path applies to this batch (one task, CUDA or forced) and no dropout is active."""

@@ -83,8 +83,7 @@ class SSFLayer(nn.Module):
         index = self.routing.index
         if index is None:
             raise SSFTasksError("an SSF site ran without a task: call MultiTaskSSF(images, tasks), not the backbone")
-        scale = self.ssf_scale[index]
-        shift = self.ssf_shift[index] if self.ssf_shift is not None else None
+        scale, shift = self.task_rows(index)
         shape = [1] * y.ndim
         shape[self.channel_axis] = self.channels
         if isinstance(index, torch.Tensor):
@@ -100,6 +99,11 @@ class SSFLayer(nn.Module):
         if shift is None:
             return y * scale
         return torch.addcmul(shift.to(y.dtype).view(shape), y, scale)
+
+    def task_rows(self, index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(γ, β)`` rows of task ``index`` (one row for an ``int``, one per sample for a tensor); β is None for a
+        scale-only site."""
+        return self.ssf_scale[index], self.ssf_shift[index] if self.ssf_shift is not None else None
 
     # ------------------------------------------------------------------------------------------- fast path
     def uses_fast_path(self, x: torch.Tensor) -> bool:
@@ -124,8 +128,7 @@ class SSFLayer(nn.Module):
           gradients to the caller (``proj`` and ``fc2`` in the chain, see ``fused_block``).
         """
         base = self.base_layer
-        scale = self.ssf_scale[index]
-        shift = self.ssf_shift[index] if self.ssf_shift is not None else None
+        scale, shift = self.task_rows(index)
         if self._fast_kind == "layer_norm":
             bias = base.bias * scale + shift if shift is not None else None
             return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
