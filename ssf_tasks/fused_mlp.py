@@ -130,7 +130,7 @@ class FusedGeluMlp(TimmMlp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fused(x):
             return super().forward(x)
-        return self.drop2(self.fc2(self.norm(self.hidden(x))))
+        return self.drop2(self.fc2(self.norm(self.drop1(self.fc1.fast_forward_gelu(x)))))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``drop1(act(fc1(x)))``, with ``fc1`` and GELU as one op on the fused path (the training chain of
