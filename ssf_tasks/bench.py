@@ -30,6 +30,7 @@ from .fold import restore_timm_classes
 from .fused_block import FusedBlockChain
 from .fused_mlp import FusedGeluMlp
 from .graphed import GraphedForward
+from .mixed_attention import MixedTaskAttention
 from .model import MultiTaskSSF
 
 __all__ = ["bench_inference", "bench_training", "bench_fold", "main", "ssf_training_variant"]
@@ -311,10 +312,8 @@ def bench_training(
         model.train()
         return (lambda x: model(x)), [p for p in model.parameters() if p.requires_grad], model
 
-    def ssf(fast: bool, fused_mlp: bool = True, fused_blocks: bool = True):
-        return lambda: ssf_training_variant(
-            model_name, classes, fast=fast, fused_mlp=fused_mlp, fused_blocks=fused_blocks
-        )
+    def ssf(fast: bool, **ablation: bool):
+        return lambda: ssf_training_variant(model_name, classes, fast=fast, **ablation)
 
     variants: list[tuple[str, Callable]] = [
         ("full fine-tuning", full_ft),
@@ -331,6 +330,7 @@ def bench_training(
     variants += [
         ("ssf-tasks SSF + head (fused path)", ssf(True)),
         ("ssf-tasks SSF + head (fused path, fc1's sums left to torch.compile)", ssf(True, fused_mlp=False)),
+        ("ssf-tasks SSF + head (fused path, qkv's sums left to torch.compile)", ssf(True, fused_qkv=False)),
         (
             "ssf-tasks SSF + head (fused path, residual-stream sums left to torch.compile)",
             ssf(True, fused_blocks=False),
@@ -399,6 +399,7 @@ def ssf_training_variant(
     device: str = "cuda",
     fused_mlp: bool = True,
     fused_blocks: bool = True,
+    fused_qkv: bool = True,
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Parameter], MultiTaskSSF]:
     """The SSF training step's model: ``(forward, parameters to optimise, model)``.
 
@@ -408,13 +409,17 @@ def ssf_training_variant(
     longer uses.) ``fused_mlp=False`` gives the MLPs timm's class back, so ``fc1``'s GELU backward and column
     sums are left to torch.compile (see ``ssf_tasks.fused_mlp``): what the kernel gains. ``fused_blocks=False``
     gives ``blocks`` back ``nn.Sequential``, so ``proj``'s and ``fc2``'s sums and the LayerNorm sites' are
-    left to torch.compile (see ``ssf_tasks.fused_block``).
+    left to torch.compile (see ``ssf_tasks.fused_block``). ``fused_qkv=False`` turns off attention's one-op
+    ``qkv``, so the copy of dq/dk/dv and ``qkv``'s sums are left to torch.compile (see ``ssf_tasks.fused_qkv``).
     """
     model = MultiTaskSSF(timm.create_model(model_name, num_classes=0).to(device))
     if not fused_mlp:
         restore_timm_classes(model.backbone, (FusedGeluMlp,))
     if not fused_blocks:
         restore_timm_classes(model.backbone, (FusedBlockChain,))
+    for module in model.backbone.modules() if not fused_qkv else ():
+        if isinstance(module, MixedTaskAttention):
+            module.fused_qkv = False
     model.add_task("task", classes)
     model.set_fast_path(None if fast else False)
     model.train()

@@ -266,22 +266,27 @@ def mixed_ssf_attention(
 
 # ----------------------------------------------------------------------------------------------- the module
 class MixedTaskAttention(TimmAttention):
-    """timm's ``Attention`` whose mixed-batch inference on CUDA runs :func:`mixed_ssf_attention`.
+    """timm's ``Attention`` whose mixed-batch inference on CUDA runs :func:`mixed_ssf_attention`, and whose ``qkv``
+    on the fused training path (one task per batch, on CUDA) hands q, k, v to SDPA from one op
+    (``SSFLayer.fast_forward_heads``, see ``ssf_tasks.fused_qkv``).
 
     ``MultiTaskSSF`` gives this class to every eligible attention module of the backbone (see
-    :func:`adopt_mixed_attention`); parameters, keys and every other case (training, one task per batch, the
-    CPU, masks) stay timm's own ``forward``. ``fused_mixed = False`` turns the kernel off (benchmarks, tests).
+    :func:`adopt_mixed_attention`); parameters, keys and every other case (the CPU by default, masks) stay timm's
+    own ``forward``. ``fused_mixed = False`` turns the kernel off, ``fused_qkv = False`` the one-op ``qkv``
+    (benchmarks, tests).
     """
 
     fused_mixed: bool = True
+    fused_qkv: bool = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # timm's optional arguments (attn_mask, is_causal) differ across versions; any that is set takes timm's path.
         site = self.qkv
         index = site.routing.index
+        plain_call = not any(a is not None and a is not False for a in (*args, *kwargs.values()))
         if (
             self.fused_mixed
-            and not any(a is not None and a is not False for a in (*args, *kwargs.values()))
+            and plain_call
             and isinstance(index, torch.Tensor)
             and index.shape[0] == x.shape[0]
             and not torch.is_grad_enabled()
@@ -289,21 +294,31 @@ class MixedTaskAttention(TimmAttention):
         ):
             out = mixed_ssf_attention(site.base_layer(x), site.ssf_scale, site.ssf_shift, index, self.num_heads)
             return self.proj_drop(self.proj(out))
+        if plain_call and self._one_op_qkv(x):
+            return self.proj_drop(self.proj(self.attend(x)))
         return super().forward(x, *args, **kwargs)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention output before ``proj``, for the fused training chain (``ssf_tasks.fused_block``).
+        """The attention output before ``proj``: timm's ``forward`` up to ``proj`` for an adopted module (no q/k or
+        output norm, no gate, no mask), with ``qkv`` as one op on the fused path.
 
-        The same function as timm's ``forward`` up to ``proj`` for an adopted module (no q/k/output norm, no
-        gate, no mask); the chain runs ``proj`` itself, so its γ/β gradients come out of the next LayerNorm's
-        backward.
+        The fused training chain (``ssf_tasks.fused_block``) calls it and runs ``proj`` itself, so that
+        ``proj``'s γ/β gradients come out of the next LayerNorm's backward.
         """
         batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        if self._one_op_qkv(x):
+            q, k, v = self.qkv.fast_forward_heads(x, self.num_heads)
+        else:
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
         dropout = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         return out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+
+    def _one_op_qkv(self, x: torch.Tensor) -> bool:
+        site = self.qkv
+        # A site told to keep its input (tests force it) takes timm's path.
+        return self.fused_qkv and site.uses_fast_path(x) and not site.keep_input
 
 
 def linear_output_dtype(x: torch.Tensor) -> torch.dtype:

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .errors import BatchMismatchError, SSFTasksError
 from .fused_mlp import gelu_backward_sums
+from .fused_qkv import qkv_backward_sums
 from .sites import SiteRule
 
 __all__ = ["SSFLayer", "TaskRouting", "FAST_PATH_AUTO"]
@@ -113,8 +114,13 @@ class SSFLayer(nn.Module):
         return x.is_cuda if self.fast_path is None else self.fast_path
 
     def _fast_forward(
-        self, x: torch.Tensor, index: int, activation: str | None = None, keep: str | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        index: int,
+        activation: str | None = None,
+        keep: str | None = None,
+        heads: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The same function as the eager path, computed without storing anything extra for backward.
 
         * LayerNorm: γ/β are folded into the norm's affine on the fly (``w·γ``, ``b·γ + β``); the norm's own
@@ -133,7 +139,7 @@ class SSFLayer(nn.Module):
             bias = base.bias * scale + shift if shift is not None else None
             return F.layer_norm(x, base.normalized_shape, base.weight * scale, bias, base.eps)
         keep = keep or ("input" if self.keep_input else "output")
-        args = (self._fast_kind, keep, _conv_args(base), activation)
+        args = (self._fast_kind, keep, _conv_args(base), activation, heads)
         return _FrozenOpSSF.apply(x, base.weight, base.bias, scale, shift, *args)
 
     def fast_forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +148,15 @@ class SSFLayer(nn.Module):
         One op, whose backward runs GELU's backward and this site's two column sums in one pass.
         """
         return self._fast_forward(x, self.routing.index, "gelu")
+
+    def fast_forward_heads(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[B, H, N, d]`` split off ``self(x)`` as timm's ``Attention`` splits its ``qkv`` output, on the
+        fused path of a Linear site (attention's ``qkv``, see ``ssf_tasks.fused_qkv``).
+
+        One op, whose backward lays dq, dk and dv out as this site's output gradient and takes its two column
+        sums in one pass.
+        """
+        return self._fast_forward(x, self.routing.index, heads=heads)
 
     def fast_forward_sums_elsewhere(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)`` on the fused path of a Linear site whose γ/β gradients the caller computes.
@@ -197,20 +212,23 @@ class _FrozenOpSSF(torch.autograd.Function):
     pre-SSF output ``z``, which is either recomputed from the saved input (``z = op(x)``, one more GEMM) or
     read off the saved output (``z = (y - β) / γ``, so ``dγ = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``: two column sums).
     With ``activation="gelu"`` the op returns ``gelu(y)`` and its backward starts with GELU's, fused with the
-    two sums (``fused_mlp.gelu_backward_sums``); ``y``, which GELU would keep anyway, is the saved tensor.
+    two sums (``fused_mlp.gelu_backward_sums``); ``y``, which GELU would keep anyway, is the saved tensor. With
+    ``heads`` it returns timm's q, k, v split of ``y`` (``[B, N, 3·H·d]``), which attention keeps anyway, and its
+    backward lays their gradients out as ``dy`` and takes the sums in the same pass
+    (``fused_qkv.qkv_backward_sums``).
     ``keep`` says which tensor is saved: ``"output"``, ``"input"``, or ``"nothing"`` (no γ/β gradients here:
     the caller computes them, see ``fused_block``).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, op, keep, conv_args, activation):
+    def forward(ctx, x, weight, bias, scale, shift, op, keep, conv_args, activation, heads):
         if keep not in ("output", "input", "nothing"):
             raise ValueError(f"keep must be 'output', 'input' or 'nothing', not {keep!r}")
-        if keep != "output" and activation is not None:
-            raise ValueError("a fused activation needs the op's output saved")
+        if keep != "output" and (activation is not None or heads is not None):
+            raise ValueError("a fused activation or head split needs the op's output saved")
         folded_bias = fold_bias(bias, scale, shift) if bias is not None else None
         y = _run_op(op, conv_args, x, fold_rows(weight, scale), folded_bias)
-        ctx.op, ctx.keep, ctx.activation = op, keep, activation
+        ctx.op, ctx.keep, ctx.activation, ctx.heads = op, keep, activation, heads
         ctx.conv_args, ctx.x_shape = conv_args, x.shape
         ctx.has_shift, ctx.has_bias = shift is not None, bias is not None
         # The folded weight is recomputed in backward: saving it would keep a copy of every frozen weight.
@@ -222,11 +240,15 @@ class _FrozenOpSSF(torch.autograd.Function):
             scale,
             shift if shift is not None else missing,
         )
+        if heads is not None:
+            batch, tokens, width = y.shape
+            return y.view(batch, tokens, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
         return F.gelu(y) if activation == "gelu" else y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *grads):
         kept, weight, bias, scale, shift = ctx.saved_tensors
+        dy = grads[0]
         if ctx.keep == "nothing":
             grad_scale = sum_dy = None
         elif ctx.keep == "input":
@@ -236,6 +258,8 @@ class _FrozenOpSSF(torch.autograd.Function):
         else:
             if ctx.activation == "gelu":
                 dy, sum_dy, sum_dy_y = gelu_backward_sums(dy, kept)
+            elif ctx.heads is not None:  # autograd gives zeros for a q, k or v that was not used
+                dy, (sum_dy, sum_dy_y) = qkv_backward_sums(*grads, kept)
             else:
                 sum_dy, sum_dy_y = _grad_sums(ctx.op, dy, kept)
             if ctx.has_shift:
@@ -251,7 +275,7 @@ class _FrozenOpSSF(torch.autograd.Function):
                 grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation, groups)
         grad_shift = sum_dy.to(scale.dtype) if ctx.has_shift and sum_dy is not None else None
         grad_scale = grad_scale.to(scale.dtype) if grad_scale is not None else None
-        return grad_x, None, None, grad_scale, grad_shift, None, None, None, None
+        return grad_x, None, None, grad_scale, grad_shift, None, None, None, None, None
 
 
 def _grad_sums(op: str, dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,12 @@ def test_training_error_compares_the_fused_path_with_the_eager_path(monkeypatch)
     # A wrong step is seen: a wrong result, and a wrong fused path (so the reference must be the eager path).
     assert _ssf_training_error(lambda x: forward(x) * 1.01, params, model, images, labels, 3) > 5e-3
     fused = SSFLayer._fast_forward
-    monkeypatch.setattr(SSFLayer, "_fast_forward", lambda self, x, *a, **k: fused(self, x, *a, **k) * 1.01)
+
+    def one_percent_off(self, x, *args, **kwargs):
+        out = fused(self, x, *args, **kwargs)
+        return tuple(t * 1.01 for t in out) if isinstance(out, tuple) else out * 1.01  # qkv gives q, k, v
+
+    monkeypatch.setattr(SSFLayer, "_fast_forward", one_percent_off)
     assert _ssf_training_error(forward, params, model, images, labels, 3) > 5e-3
 
 
@@ -59,3 +64,13 @@ def test_ablation_variant_gives_the_blocks_timm_class_back():
     for fused, expected in ((True, FusedBlockChain), (False, nn.Sequential)):
         _, _, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu", fused_blocks=fused)
         assert type(model.backbone.blocks) is expected
+
+
+def test_ablation_variant_turns_the_one_op_qkv_off():
+    from ssf_tasks.mixed_attention import MixedTaskAttention
+
+    for fused in (True, False):
+        _, _, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu", fused_qkv=fused)
+        attention = [m for m in model.backbone.modules() if isinstance(m, MixedTaskAttention)]
+        assert len(attention) == len(model.backbone.blocks)
+        assert {m.fused_qkv for m in attention} == {fused}

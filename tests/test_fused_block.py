@@ -168,9 +168,11 @@ def test_chain_is_left_for_mixed_batches_and_active_dropout(monkeypatch):
 def test_frozen_op_refuses_an_unknown_keep():
     x, weight, bias, scale = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4), torch.ones(4)
     with pytest.raises(ValueError, match="keep must be"):
-        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "everything", None, None)
+        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "everything", None, None, None)
     with pytest.raises(ValueError, match="output saved"):
-        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "nothing", None, "gelu")
+        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "nothing", None, "gelu", None)
+    with pytest.raises(ValueError, match="output saved"):
+        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "input", None, None, 2)
 
 
 def test_chain_under_bf16_autocast_matches_the_eager_path():

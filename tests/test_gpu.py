@@ -302,3 +302,21 @@ def test_residual_norm_backward_kernel_matches_fp64(stream_dtype):
         tolerance = 1e-5 if stream_dtype == torch.float32 else 1e-2  # bf16: the rounding of dx itself
         for got, want in ((dx, expected[0]), (dy, expected[0]), (sums, expected[2])):
             assert (got.double() - want).abs().max() <= max(tolerance, 1e-2 * (got is dy)) * want.abs().max()
+
+
+def test_qkv_backward_kernel_matches_fp64_on_sdpa_gradients():
+    """The qkv backward kernel at ViT-B's training shape (and a ragged one), fed the q/k/v gradients SDPA's
+    backward gives (their strides as SDPA makes them), against fp64."""
+    from ssf_tasks import fused_qkv
+
+    assert fused_qkv.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
+    torch.manual_seed(0)
+    for batch, tokens, heads, head_dim in [(64, 197, 12, 64), (3, 70, 2, 32)]:
+        y = torch.randn(batch, tokens, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = y.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        dy, sums = fused_qkv.qkv_backward_sums(*grads, y.detach())
+        expected = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in grads], y.detach().double())
+        assert dy.dtype == torch.bfloat16 and torch.equal(dy.double(), expected[0])  # a copy: exact
+        assert (sums.double() - expected[1]).abs().max() <= 1e-4 * expected[1].abs().max()

@@ -1,0 +1,87 @@
+"""Micro-benchmark of the qkv backward kernel (ssf_tasks.fused_qkv) against torch.compile.
+
+One ViT-B attention at batch 64: q, k, v split off a bf16 ``[64, 197, 2304]`` qkv output as timm splits it, and
+their gradients as SDPA's backward gives them (its own strides). Timed: torch.compile's copy of dq/dk/dv into
+the qkv gradient with no sums (what the frozen backbone's step runs), the same with the two column sums in torch
+(what torch.compile makes of the site's backward without the kernel), and the Triton kernel at a set of tiles,
+each checked against an fp64 reference. Times are of CUDA-graph replays (``do_bench_cudagraph``), so the host's
+launch time is left out; they rank tiles, and only the training step's profile compares kernels in place.
+Needs a CUDA GPU and Triton. Results: examples/bench_results/qkv_kernel_*.txt.
+
+    PYTHONPATH=. python examples/bench_qkv_kernel.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+from ssf_tasks import fused_qkv
+
+
+def _inputs(batch: int, tokens: int, heads: int, head_dim: int):
+    torch.manual_seed(0)
+    y = torch.randn(batch, tokens, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = y.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    return dq, dk, dv, y.detach()
+
+
+def _copy_only(dq, dk, dv, y):
+    return torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(y.shape)
+
+
+def _errors(result, expected) -> str:
+    dy = float((result[0].double() - expected[0]).abs().max())
+    sums = float((result[1].double() - expected[1]).abs().max() / expected[1].abs().max())
+    return f"dy {dy:.1e} sums {sums:.1e}"
+
+
+def main(sweep: bool, shape: tuple[int, int, int, int] = (64, 197, 12, 64)) -> tuple | None:
+    print("triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
+    args = _inputs(*shape)
+    dq, dk, dv, y = args
+    print(f"gradient strides: dq {dq.stride()} dk {dk.stride()} dv {dv.stride()}")
+    expected = fused_qkv._qkv_backward_sums_torch(*[t.double() for t in args])
+    floor = torch.compile(_copy_only)
+    floor(*args)  # compile before the graph capture
+    t_floor = do_bench_cudagraph(lambda: floor(*args), rep=300) * 1000
+    print(f"{shape}: dq/dk/dv copied into the qkv gradient, no sums (torch.compile): {t_floor:.1f} us")
+    in_torch = torch.compile(fused_qkv._qkv_backward_sums_torch)
+    in_torch(*args)
+    t_torch = do_bench_cudagraph(lambda: in_torch(*args), rep=300) * 1000
+    print(f"   the same with the two sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
+    default = (fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._WARPS, fused_qkv._PROGRAMS)
+    tiles = [default]
+    if sweep:
+        grid = itertools.product((4, 8, 16, 32), (64, 128, 256), (4, 8), (264, 528))
+        tiles += [t for t in grid if t != default]
+    best = None
+    for tile in tiles:
+        fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._WARPS, fused_qkv._PROGRAMS = tile
+        label = "kernel {} rows x {} columns, {} warps, {} programs".format(*tile)
+        try:
+            result = fused_qkv._qkv_backward_sums_op(*args)
+            t = do_bench_cudagraph(lambda: fused_qkv._qkv_backward_sums_op(*args), rep=300) * 1000
+        except Exception as error:  # a tile that does not compile (registers, shared memory) is reported
+            print(f"   {label}: failed ({error})")
+            continue
+        print(f"   {label}: {t:.1f} us ({t / t_floor:.2f}x the copy's)  {_errors(result, expected)}", flush=True)
+        if best is None or t < best[0]:
+            best = (t, tile)
+    fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._WARPS, fused_qkv._PROGRAMS = default
+    if best is not None:
+        print(f"best: {best[1]} at {best[0]:.1f} us")
+        return best[1]
+    return None
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="time 47 tiles besides the default")
+    main(parser.parse_args().sweep)

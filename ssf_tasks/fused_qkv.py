@@ -1,0 +1,188 @@
+"""Training attention's ``qkv`` site: dq, dk, dv laid out as the site's gradient, with its γ/β sums, in one pass.
+
+Why: on the fused training path (``ssf._FrozenOpSSF``) a Linear site's γ/β gradients are two column sums,
+``Σ dy`` and ``Σ dy ⊙ y``, over every row of its output ``y`` and its gradient ``dy``. For ``qkv``, ``dy`` is
+the q, k and v gradients that the attention backward gives, put back side by side in the ``[B, N, 3·H·d]``
+layout of timm's split. Even a frozen backbone pays for that copy. Left to torch.compile, the copy and the two
+sums took three kernels that read the q/k/v gradients twice more: 103 µs per ViT-B block at batch 64 on an
+H200, against 28 µs for the copy alone (BENCHMARKS.md). The kernel here reads each gradient and ``y`` once,
+writes ``dy`` and keeps the two sums as it goes.
+
+``SSFLayer.fast_forward_heads`` runs ``qkv``, its SSF and timm's q/k/v split as one op whose backward takes
+this kernel; ``MixedTaskAttention`` calls it on the fused path (one task per batch, on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["qkv_backward_sums"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch version is used
+    triton = None
+if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot hand a Triton kernel to inductor
+    triton = None
+
+
+def qkv_backward_sums(
+    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dy, sums)`` for timm's split of a ``qkv`` output ``y`` ``[B, N, 3·H·d]`` into q, k, v ``[B, H, N, d]``.
+
+    ``dq``, ``dk``, ``dv`` are the gradients of q, k and v (any strides). ``dy`` is them laid out as ``y`` is, in
+    ``y``'s dtype; ``sums`` is ``[2, 3·H·d]`` in fp32 (fp64 for fp64 input): ``Σ dy`` and ``Σ dy ⊙ y`` over every
+    sample and token, taken over ``dy`` as returned (rounded to its dtype), so they are the gradients of exactly
+    the ``dy`` that flows on.
+    """
+    if y.ndim != 3 or dq.ndim != 4:
+        raise ValueError(f"qkv_backward_sums needs a [B, N, 3·H·d] output and [B, H, N, d] gradients, got {y.shape}")
+    batch, tokens, width = y.shape
+    heads, head_dim = dq.shape[1], dq.shape[3]
+    expected = (batch, heads, tokens, head_dim)
+    if any(tuple(g.shape) != expected for g in (dq, dk, dv)) or 3 * heads * head_dim != width:
+        raise ValueError(
+            f"qkv_backward_sums needs q/k/v gradients of shape {expected} for a qkv output of {tuple(y.shape)}, got "
+            f"{[tuple(g.shape) for g in (dq, dk, dv)]}"
+        )
+    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    if (
+        triton is not None
+        and y.is_cuda
+        and all(t.dtype in kernel_dtypes for t in (dq, dk, dv, y))
+        and y.numel() > 0
+        and y.is_contiguous()
+    ):
+        return _qkv_backward_sums_op(dq, dk, dv, y)
+    return _qkv_backward_sums_torch(dq, dk, dv, y)
+
+
+def _qkv_backward_sums_torch(dq, dk, dv, y) -> tuple[torch.Tensor, torch.Tensor]:
+    # [3, B, H, N, d] -> [B, N, 3, H, d]: the inverse of timm's permute(2, 0, 3, 1, 4)
+    dy = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(y.shape).to(y.dtype)
+    accumulate = torch.promote_types(dy.dtype, torch.float32)
+    rows = dy.reshape(-1, dy.shape[-1]).to(accumulate)
+    return dy, torch.stack([rows.sum(0), (rows * y.reshape(rows.shape).to(accumulate)).sum(0)])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _qkv_part(
+        g_ptr,
+        g_sample,
+        g_head,
+        g_token,
+        g_within,
+        y_ptr,
+        dy_ptr,
+        partial_ptr,
+        part,
+        columns,
+        column_ok,
+        first,
+        last,
+        tokens,
+        width,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # One of q/k/v (``part``): copies its gradient's columns into dy for rows [first, last) and stores the
+        # two partial sums of those rows.
+        column_offsets = (columns // HEAD_DIM).to(tl.int64) * g_head + (columns % HEAD_DIM) * g_within
+        acc_dy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        acc_dy_y = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for start in tl.range(first, last, BLOCK_R):
+            row = start + tl.arange(0, BLOCK_R)
+            ok = (row < last)[:, None] & column_ok[None, :]
+            sample = row // tokens
+            row_offsets = sample.to(tl.int64) * g_sample + (row - sample * tokens).to(tl.int64) * g_token
+            g = tl.load(g_ptr + row_offsets[:, None] + column_offsets[None, :], mask=ok, other=0.0)
+            offsets = row.to(tl.int64)[:, None] * (3 * width) + part * width + columns[None, :]
+            y = tl.load(y_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            dy = g.to(dy_ptr.dtype.element_ty)
+            tl.store(dy_ptr + offsets, dy, mask=ok)
+            dy = dy.to(tl.float32)
+            acc_dy += dy
+            acc_dy_y += dy * y
+        out = partial_ptr + part * width + columns
+        tl.store(out, tl.sum(acc_dy, 0), mask=column_ok)
+        tl.store(out + 3 * width, tl.sum(acc_dy_y, 0), mask=column_ok)
+
+    @triton.jit
+    def _qkv_backward_sums_kernel(
+        dq_ptr,
+        dk_ptr,
+        dv_ptr,
+        y_ptr,
+        dy_ptr,
+        partial_ptr,
+        rows,
+        tokens,
+        width,
+        rows_per_chunk,
+        q_sample,
+        q_head,
+        q_token,
+        q_within,  # the strides of dq [B, H, N, d], then of dk and dv
+        k_sample,
+        k_head,
+        k_token,
+        k_within,
+        v_sample,
+        v_head,
+        v_token,
+        v_within,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # One program per (block of a head-row's columns, chunk of rows) does q, then k, then v, and writes one
+        # [2, 3·width] row of partial sums, in a fixed order.
+        columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        column_ok = columns < width
+        chunk = tl.program_id(1)
+        first = chunk * rows_per_chunk
+        last = tl.minimum(first + rows_per_chunk, rows)
+        partial = partial_ptr + chunk * 6 * width
+        _qkv_part(
+            dq_ptr, q_sample, q_head, q_token, q_within, y_ptr, dy_ptr, partial, 0,
+            columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
+        )  # fmt: skip
+        _qkv_part(
+            dk_ptr, k_sample, k_head, k_token, k_within, y_ptr, dy_ptr, partial, 1,
+            columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
+        )  # fmt: skip
+        _qkv_part(
+            dv_ptr, v_sample, v_head, v_token, v_within, y_ptr, dy_ptr, partial, 2,
+            columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
+        )  # fmt: skip
+
+    _BLOCK_R, _BLOCK_C, _WARPS, _STAGES = 8, 256, 4, 1
+    _PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
+
+    # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included) and
+    # fuses the small sum of the partials after it.
+    @torch.library.triton_op("ssf_tasks::qkv_backward_sums", mutates_args=())
+    def _qkv_backward_sums_op(
+        dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel on a contiguous ``y`` and gradients of any strides (see ``qkv_backward_sums``)."""
+        batch, tokens, width3 = y.shape
+        width, rows = width3 // 3, batch * tokens
+        column_blocks = triton.cdiv(width, _BLOCK_C)
+        # Enough chunks of rows to fill the card a few times over; each chunk a whole number of row blocks.
+        chunks = max(1, min(triton.cdiv(rows, _BLOCK_R), _PROGRAMS // column_blocks))
+        rows_per_chunk = triton.cdiv(triton.cdiv(rows, chunks), _BLOCK_R) * _BLOCK_R
+        chunks = triton.cdiv(rows, rows_per_chunk)
+        dy = torch.empty_like(y)
+        partial = torch.empty(chunks, 2, width3, device=y.device, dtype=torch.float32)
+        torch.library.wrap_triton(_qkv_backward_sums_kernel)[(column_blocks, chunks)](
+            dq, dk, dv, y, dy, partial, rows, tokens, width, rows_per_chunk,
+            *dq.stride(), *dk.stride(), *dv.stride(),
+            HEAD_DIM=dq.shape[-1], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_WARPS, num_stages=_STAGES,
+        )  # fmt: skip
+        return dy, partial.sum(0)
