@@ -56,15 +56,17 @@ def main(sweep: bool, shape: tuple[int, int, int, int] = (64, 197, 12, 64)) -> t
     in_torch(*args)
     t_torch = do_bench_cudagraph(lambda: in_torch(*args), rep=300) * 1000
     print(f"   the same with the two sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
-    default = (fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._WARPS, fused_qkv._PROGRAMS)
+    names = ("_BLOCK_R", "_BLOCK_C", "_WARPS", "_PROGRAMS", "_STAGES")
+    default = tuple(getattr(fused_qkv, name) for name in names)
     tiles = [default]
-    if sweep:
-        grid = itertools.product((4, 8, 16, 32), (64, 128, 256), (4, 8), (264, 528))
+    if sweep:  # up to one program per row block (2**20 programs asked for)
+        grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (1056, 4224, 2**20), (1, 3))
         tiles += [t for t in grid if t != default]
     best = None
     for tile in tiles:
-        fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._WARPS, fused_qkv._PROGRAMS = tile
-        label = "kernel {} rows x {} columns, {} warps, {} programs".format(*tile)
+        for name, value in zip(names, tile, strict=True):
+            setattr(fused_qkv, name, value)
+        label = "kernel {} rows x {} columns, {} warps, {} programs, {} stages".format(*tile)
         try:
             result = fused_qkv._qkv_backward_sums_op(*args)
             t = do_bench_cudagraph(lambda: fused_qkv._qkv_backward_sums_op(*args), rep=300) * 1000
@@ -74,7 +76,8 @@ def main(sweep: bool, shape: tuple[int, int, int, int] = (64, 197, 12, 64)) -> t
         print(f"   {label}: {t:.1f} us ({t / t_floor:.2f}x the copy's)  {_errors(result, expected)}", flush=True)
         if best is None or t < best[0]:
             best = (t, tile)
-    fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._WARPS, fused_qkv._PROGRAMS = default
+    for name, value in zip(names, default, strict=True):
+        setattr(fused_qkv, name, value)
     if best is not None:
         print(f"best: {best[1]} at {best[0]:.1f} us")
         return best[1]
@@ -83,5 +86,5 @@ def main(sweep: bool, shape: tuple[int, int, int, int] = (64, 197, 12, 64)) -> t
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sweep", action="store_true", help="time 47 tiles besides the default")
+    parser.add_argument("--sweep", action="store_true", help="time 107 tiles besides the default")
     main(parser.parse_args().sweep)
