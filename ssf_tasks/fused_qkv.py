@@ -70,12 +70,47 @@ def _qkv_backward_sums_torch(dq, dk, dv, y) -> tuple[torch.Tensor, torch.Tensor]
 if triton is not None:
 
     @triton.jit
-    def _copy_part(g_ptr, g_offsets, y_ptr, dy_ptr, offsets, ok):
-        # One of q/k/v: its gradient's tile copied into dy; returns the tile as written and y's, in fp32.
-        dy = tl.load(g_ptr + g_offsets, mask=ok, other=0.0).to(dy_ptr.dtype.element_ty)
-        tl.store(dy_ptr + offsets, dy, mask=ok)
-        y = tl.load(y_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        return dy.to(tl.float32), y
+    def _qkv_part(
+        g_ptr,
+        g_sample,
+        g_head,
+        g_token,
+        g_within,
+        y_ptr,
+        dy_ptr,
+        partial_ptr,
+        part,
+        columns,
+        column_ok,
+        first,
+        last,
+        tokens,
+        width,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # One of q/k/v (``part``): copies its gradient's columns into dy for rows [first, last) and stores the
+        # two partial sums of those rows.
+        column_offsets = (columns // HEAD_DIM).to(tl.int64) * g_head + (columns % HEAD_DIM) * g_within
+        acc_dy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        acc_dy_y = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for start in tl.range(first, last, BLOCK_R):
+            row = start + tl.arange(0, BLOCK_R)
+            ok = (row < last)[:, None] & column_ok[None, :]
+            sample = row // tokens
+            row_offsets = sample.to(tl.int64) * g_sample + (row - sample * tokens).to(tl.int64) * g_token
+            g = tl.load(g_ptr + row_offsets[:, None] + column_offsets[None, :], mask=ok, other=0.0)
+            offsets = row.to(tl.int64)[:, None] * (3 * width) + part * width + columns[None, :]
+            y = tl.load(y_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            dy = g.to(dy_ptr.dtype.element_ty)
+            tl.store(dy_ptr + offsets, dy, mask=ok)
+            dy = dy.to(tl.float32)
+            acc_dy += dy
+            acc_dy_y += dy * y
+        out = partial_ptr + part * width + columns
+        tl.store(out, tl.sum(acc_dy, 0), mask=column_ok)
+        tl.store(out + 3 * width, tl.sum(acc_dy_y, 0), mask=column_ok)
 
     @triton.jit
     def _qkv_backward_sums_kernel(
@@ -104,50 +139,33 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
-        STAGES: tl.constexpr,
     ):
-        # One program per (block of columns of q, k and v alike, chunk of rows), BLOCK_R rows at a time: copies
-        # the three gradients' tiles into dy and writes one [2, 3·width] row of partial sums, in a fixed order.
+        # One program per (block of a head-row's columns, chunk of rows) does q, then k, then v, and writes one
+        # [2, 3·width] row of partial sums, in a fixed order.
         columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         column_ok = columns < width
-        head = (columns // HEAD_DIM).to(tl.int64)
-        within = columns % HEAD_DIM
-        q_columns = head * q_head + within * q_within
-        k_columns = head * k_head + within * k_within
-        v_columns = head * v_head + within * v_within
-        sums = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_q, acc_k, acc_v, acc_q_y, acc_k_y, acc_v_y = sums, sums, sums, sums, sums, sums
         chunk = tl.program_id(1)
         first = chunk * rows_per_chunk
         last = tl.minimum(first + rows_per_chunk, rows)
-        for start in tl.range(first, last, BLOCK_R, num_stages=STAGES):
-            row = start + tl.arange(0, BLOCK_R)
-            ok = (row < last)[:, None] & column_ok[None, :]
-            sample = row // tokens
-            sample, token = sample.to(tl.int64)[:, None], (row - sample * tokens).to(tl.int64)[:, None]
-            offsets = row.to(tl.int64)[:, None] * (3 * width) + columns[None, :]
-            q_offsets = sample * q_sample + token * q_token + q_columns[None, :]
-            dy, y = _copy_part(dq_ptr, q_offsets, y_ptr, dy_ptr, offsets, ok)
-            acc_q += tl.sum(dy, 0)
-            acc_q_y += tl.sum(dy * y, 0)
-            k_offsets = sample * k_sample + token * k_token + k_columns[None, :]
-            dy, y = _copy_part(dk_ptr, k_offsets, y_ptr, dy_ptr, offsets + width, ok)
-            acc_k += tl.sum(dy, 0)
-            acc_k_y += tl.sum(dy * y, 0)
-            v_offsets = sample * v_sample + token * v_token + v_columns[None, :]
-            dy, y = _copy_part(dv_ptr, v_offsets, y_ptr, dy_ptr, offsets + 2 * width, ok)
-            acc_v += tl.sum(dy, 0)
-            acc_v_y += tl.sum(dy * y, 0)
-        out = partial_ptr + chunk * 6 * width + columns
-        tl.store(out, acc_q, mask=column_ok)
-        tl.store(out + width, acc_k, mask=column_ok)
-        tl.store(out + 2 * width, acc_v, mask=column_ok)
-        tl.store(out + 3 * width, acc_q_y, mask=column_ok)
-        tl.store(out + 4 * width, acc_k_y, mask=column_ok)
-        tl.store(out + 5 * width, acc_v_y, mask=column_ok)
+        partial = partial_ptr + chunk * 6 * width
+        _qkv_part(
+            dq_ptr, q_sample, q_head, q_token, q_within, y_ptr, dy_ptr, partial, 0,
+            columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
+        )  # fmt: skip
+        _qkv_part(
+            dk_ptr, k_sample, k_head, k_token, k_within, y_ptr, dy_ptr, partial, 1,
+            columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
+        )  # fmt: skip
+        _qkv_part(
+            dv_ptr, v_sample, v_head, v_token, v_within, y_ptr, dy_ptr, partial, 2,
+            columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
+        )  # fmt: skip
 
+    # Best of 48 tiles timed on an H200 at ViT-B's shape (qkv_kernel_sweep1_session8_h200.txt). Doing q, k and v in
+    # one loop with per-row-block sums instead was slower at every one of 108 tiles (best 75.9 µs against 57.2 µs,
+    # qkv_kernel_sweep2_session8_h200.txt).
     _BLOCK_R, _BLOCK_C, _WARPS, _STAGES = 32, 128, 4, 1
-    _PROGRAMS = 1056  # eight per streaming multiprocessor of an H100 (132)
+    _PROGRAMS = 528  # four per streaming multiprocessor of an H100 (132)
 
     # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included) and
     # fuses the small sum of the partials after it.
@@ -168,6 +186,6 @@ if triton is not None:
         torch.library.wrap_triton(_qkv_backward_sums_kernel)[(column_blocks, chunks)](
             dq, dk, dv, y, dy, partial, rows, tokens, width, rows_per_chunk,
             *dq.stride(), *dk.stride(), *dv.stride(),
-            HEAD_DIM=dq.shape[-1], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, STAGES=_STAGES, num_warps=_WARPS,
+            HEAD_DIM=dq.shape[-1], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_WARPS, num_stages=_STAGES,
         )  # fmt: skip
         return dy, partial.sum(0)
