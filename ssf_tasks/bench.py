@@ -23,6 +23,7 @@ from typing import Any
 import timm
 import torch
 import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
 from torch import nn
 from torch.nn import functional as F
 
@@ -337,28 +338,43 @@ def bench_training(
         ),
         ("ssf-tasks SSF + head (eager path)", ssf(False)),
     ]
-    # torch.compile's activation-memory budget: the partitioner recomputes cheap ops instead of saving them.
-    budgeted = [
-        (f"ssf-tasks SSF + head (fused path, activation_memory_budget={b})", ssf(True), b) for b in memory_budgets
+    # Compiled variants only, each with a compiler setting of its own: torch.compile's activation-memory budget
+    # (the partitioner recomputes cheap ops instead of saving them), and inductor's combo kernels (independent
+    # small kernels, such as the fused path's per-site folds, launched as one), tried on both sides. With
+    # ``only``, these are taken when an entry names their setting ("budget=0.2", "combo_kernels").
+    patched: list[tuple[str, str, Callable, dict, dict]] = [
+        (
+            "ssf-tasks SSF + head (fused path, {})",
+            f"activation_memory_budget={b}",
+            ssf(True),
+            {"activation_memory_budget": b},
+            {},
+        )
+        for b in memory_budgets
+    ]
+    combo = {"combo_kernels": True}
+    patched += [
+        ("full fine-tuning ({})", "inductor combo_kernels", full_ft, {}, combo),
+        ("ssf-tasks SSF + head (fused path, {})", "inductor combo_kernels", ssf(True), {}, combo),
     ]
     if only:
         variants = [(label, make) for label, make in variants if any(o in label for o in only)]
-        budgeted = [(label, make, b) for label, make, b in budgeted if any(o in label for o in only)]
+        patched = [variant for variant in patched if any(o in variant[1] for o in only)]
+    settings = [(label.format(setting), make, f, i) for label, setting, make, f, i in patched]
     # Every variant is built, compiled, warmed up and measured for memory first; then all are timed in
     # alternation (``rounds`` passes), so that a slow spell of the machine does not land on one variant only.
     built: list[tuple[Row, Callable[[], Any]]] = []
     started = time.time()
     with torch._dynamo.config.patch(cache_size_limit=64):
         for compiled in compiled_variants:
-            for label, make, budget in [(label, make, None) for label, make in variants] + (
-                budgeted if compiled else []
+            for label, make, functorch_patch, inductor_patch in [(label, make, {}, {}) for label, make in variants] + (
+                settings if compiled else []
             ):
                 row = {"bench": "training", "model": model_name, "batch": batch, "compiled": compiled, "variant": label}
                 if compiled:
                     row["mode"] = compile_mode or "default"
-                patch = {} if budget is None else {"activation_memory_budget": budget}
                 try:
-                    with functorch_config.patch(**patch):
+                    with functorch_config.patch(**functorch_patch), inductor_config.patch(**inductor_patch):
                         step, peak, extra = _build_training_step(
                             make, compile_mode if compiled else False, images, labels, classes, warmup
                         )
@@ -564,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=[256, 8, 1], help="inference batch sizes")
     parser.add_argument("--tasks", type=int, nargs="*", default=[1, 1000, 10000], help="scale: tasks resident")
     parser.add_argument("--no-loop", action="store_true", help="inference: skip the loop-over-tasks baseline")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="training: timing passes over all variants, in alternation"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmarks need a CUDA device", file=sys.stderr)
@@ -604,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                 only=tuple(args.only),
                 compiled_variants=modes,
                 compile_mode=args.mode,
+                rounds=args.rounds,
             )
         elif which == "fold":
             rows += bench_fold(args.model, repeats=args.repeats)
