@@ -52,7 +52,7 @@ def _errors(result, expected) -> str:
     return " ".join(parts)
 
 
-def main(sweep: bool, rows: int = 64 * 197, channels: int = 768) -> tuple | None:
+def main(sweep: bool, rows: int = 64 * 197, channels: int = 768) -> tuple[int, int, int, int] | None:
     print("triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
     d_h, d_out, x_out, x_in, mean, rstd, weight = _inputs(rows, channels)
     wide = [t.double() for t in (d_h, d_out, x_out, x_in, mean, rstd, weight)]
@@ -66,28 +66,30 @@ def main(sweep: bool, rows: int = 64 * 197, channels: int = 768) -> tuple | None
     in_torch(*args)
     t_torch = do_bench_cudagraph(lambda: in_torch(*args), rep=300) * 1000
     print(f"   the same with the four sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
-    names = ("_BLOCK_R", "_WARPS", "_PROGRAMS", "_STAGES", "_PIECES")
-    default = tuple(getattr(fused_block, name) for name in names)
+    default = (fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS, fused_block._STAGES)
     tiles = [default]
-    if sweep:  # rows as one power of two (pieces 1) or as three pieces (3)
-        grid = itertools.product((2, 4, 8), (2, 4, 8), (264, 528), (1,), (1, 3))
+    if sweep:
+        # up to one program per row block (2**20 asked for), as inductor's own LayerNorm backward runs
+        grid = itertools.product((4, 8, 16), (4, 8, 16), (264, 1056, 4224, 2**20), (1,))
         tiles += [t for t in grid if t != default]
     best = None
-    for tile in tiles:
-        for name, value in zip(names, tile, strict=True):
-            setattr(fused_block, name, value)
-        label = "kernel {} rows, {} warps, {} programs, {} stages, {} pieces".format(*tile)
+    for block_r, warps, programs, stages in tiles:
+        fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS = block_r, warps, programs
+        fused_block._STAGES = stages
         try:
             result = fused_block._residual_norm_backward_op(*args)
             t = do_bench_cudagraph(lambda: fused_block._residual_norm_backward_op(*args), rep=300) * 1000
         except Exception as error:  # a tile that does not compile (registers, shared memory) is reported
-            print(f"   {label}: failed ({error})")
+            print(f"   kernel {block_r} rows, {warps} warps, {programs} programs, {stages} stages: failed ({error})")
             continue
-        print(f"   {label}: {t:.1f} us ({t / t_floor:.2f}x the floor's)  {_errors(result, expected)}", flush=True)
+        print(
+            f"   kernel {block_r} rows, {warps} warps, {programs} programs, {stages} stages: {t:.1f} us "
+            f"({t / t_floor:.2f}x the floor's)  {_errors(result, expected)}",
+            flush=True,
+        )
         if best is None or t < best[0]:
-            best = (t, tile)
-    for name, value in zip(names, default, strict=True):
-        setattr(fused_block, name, value)
+            best = (t, (block_r, warps, programs, stages))
+    fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS, fused_block._STAGES = default
     if best is not None:
         print(f"best: {best[1]} at {best[0]:.1f} us")
         return best[1]

@@ -165,109 +165,8 @@ if triton is not None:
         tl.store(out + 2 * channels, acc_dx, mask=column_ok)
         tl.store(out + 3 * channels, acc_dx_y, mask=column_ok)
 
-    @triton.jit
-    def _piece_dx(d_out_ptr, x_in_ptr, dx_ptr, dy_ptr, offsets, ok, x, x_hat, g, rstd, mean_g, mean_g_xhat):
-        # One piece of a row block: dx (stored, and in y's dtype as dy) and y = x_out - x_in, both fp32.
-        d_out = tl.load(d_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        dx = d_out + rstd * (g - mean_g[:, None] - x_hat * mean_g_xhat[:, None])
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-        tl.store(dy_ptr + offsets, dx.to(dy_ptr.dtype.element_ty), mask=ok)
-        y = x - tl.load(x_in_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        return dx, y
-
-    @triton.jit
-    def _residual_norm_backward_pieces_kernel(
-        d_h_ptr,
-        d_out_ptr,
-        x_out_ptr,
-        x_in_ptr,
-        mean_ptr,
-        rstd_ptr,
-        weight_ptr,
-        dx_ptr,
-        dy_ptr,
-        partial_ptr,
-        rows,
-        channels,
-        rows_per_chunk,
-        BLOCK_R: tl.constexpr,
-        PIECE: tl.constexpr,
-    ):
-        # The kernel above with each row held as three pieces of PIECE columns: ViT-B's 768 channels are 3 × 256,
-        # where one power of two (1024) leaves a quarter of the lanes and registers as padding.
-        chunk = tl.program_id(0)
-        ca = tl.arange(0, PIECE)
-        cb = ca + PIECE
-        cc = cb + PIECE
-        ka, kb, kc = ca < channels, cb < channels, cc < channels
-        wa = tl.load(weight_ptr + ca, mask=ka, other=0.0)[None, :]
-        wb = tl.load(weight_ptr + cb, mask=kb, other=0.0)[None, :]
-        wc = tl.load(weight_ptr + cc, mask=kc, other=0.0)[None, :]
-        zero = tl.zeros((PIECE,), dtype=tl.float32)
-        dh_xhat_a, dh_xhat_b, dh_xhat_c, dh_a, dh_b, dh_c = zero, zero, zero, zero, zero, zero
-        dx_a, dx_b, dx_c, dx_y_a, dx_y_b, dx_y_c = zero, zero, zero, zero, zero, zero
-        first = chunk * rows_per_chunk
-        last = tl.minimum(first + rows_per_chunk, rows)
-        for start in tl.range(first, last, BLOCK_R):
-            row = start + tl.arange(0, BLOCK_R)
-            row_ok = row < last
-            base = row.to(tl.int64)[:, None] * channels
-            oa, ob, oc = base + ca[None, :], base + cb[None, :], base + cc[None, :]
-            ok_a = row_ok[:, None] & ka[None, :]
-            ok_b = row_ok[:, None] & kb[None, :]
-            ok_c = row_ok[:, None] & kc[None, :]
-            mean = tl.load(mean_ptr + row, mask=row_ok, other=0.0)[:, None]
-            rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)[:, None]
-            xa = tl.load(x_out_ptr + oa, mask=ok_a, other=0.0).to(tl.float32)
-            xb = tl.load(x_out_ptr + ob, mask=ok_b, other=0.0).to(tl.float32)
-            xc = tl.load(x_out_ptr + oc, mask=ok_c, other=0.0).to(tl.float32)
-            x_hat_a = tl.where(ok_a, (xa - mean) * rstd, 0.0)
-            x_hat_b = tl.where(ok_b, (xb - mean) * rstd, 0.0)
-            x_hat_c = tl.where(ok_c, (xc - mean) * rstd, 0.0)
-            dha = tl.load(d_h_ptr + oa, mask=ok_a, other=0.0).to(tl.float32)
-            dhb = tl.load(d_h_ptr + ob, mask=ok_b, other=0.0).to(tl.float32)
-            dhc = tl.load(d_h_ptr + oc, mask=ok_c, other=0.0).to(tl.float32)
-            ga, gb, gc = dha * wa, dhb * wb, dhc * wc
-            mean_g = (tl.sum(ga, 1) + tl.sum(gb, 1) + tl.sum(gc, 1)) / channels
-            mean_g_xhat = (tl.sum(ga * x_hat_a, 1) + tl.sum(gb * x_hat_b, 1) + tl.sum(gc * x_hat_c, 1)) / channels
-            dxa, ya = _piece_dx(
-                d_out_ptr, x_in_ptr, dx_ptr, dy_ptr, oa, ok_a, xa, x_hat_a, ga, rstd, mean_g, mean_g_xhat
-            )
-            dxb, yb = _piece_dx(
-                d_out_ptr, x_in_ptr, dx_ptr, dy_ptr, ob, ok_b, xb, x_hat_b, gb, rstd, mean_g, mean_g_xhat
-            )
-            dxc, yc = _piece_dx(
-                d_out_ptr, x_in_ptr, dx_ptr, dy_ptr, oc, ok_c, xc, x_hat_c, gc, rstd, mean_g, mean_g_xhat
-            )
-            dh_xhat_a += tl.sum(dha * x_hat_a, 0)
-            dh_xhat_b += tl.sum(dhb * x_hat_b, 0)
-            dh_xhat_c += tl.sum(dhc * x_hat_c, 0)
-            dh_a += tl.sum(dha, 0)
-            dh_b += tl.sum(dhb, 0)
-            dh_c += tl.sum(dhc, 0)
-            dx_a += tl.sum(dxa, 0)
-            dx_b += tl.sum(dxb, 0)
-            dx_c += tl.sum(dxc, 0)
-            dx_y_a += tl.sum(dxa * ya, 0)
-            dx_y_b += tl.sum(dxb * yb, 0)
-            dx_y_c += tl.sum(dxc * yc, 0)
-        out = partial_ptr + chunk * 4 * channels
-        tl.store(out + ca, dh_xhat_a, mask=ka)
-        tl.store(out + cb, dh_xhat_b, mask=kb)
-        tl.store(out + cc, dh_xhat_c, mask=kc)
-        tl.store(out + channels + ca, dh_a, mask=ka)
-        tl.store(out + channels + cb, dh_b, mask=kb)
-        tl.store(out + channels + cc, dh_c, mask=kc)
-        tl.store(out + 2 * channels + ca, dx_a, mask=ka)
-        tl.store(out + 2 * channels + cb, dx_b, mask=kb)
-        tl.store(out + 2 * channels + cc, dx_c, mask=kc)
-        tl.store(out + 3 * channels + ca, dx_y_a, mask=ka)
-        tl.store(out + 3 * channels + cb, dx_y_b, mask=kb)
-        tl.store(out + 3 * channels + cc, dx_y_c, mask=kc)
-
     # Best of 27 tiles timed on an H200 at ViT-B's shape, [64·197, 768] (residual_norm_kernel_sweep2_session7_h200.txt).
     _BLOCK_R, _WARPS, _STAGES = 4, 4, 1
-    _PIECES = 3  # rows held as three pieces where that leaves fewer padding lanes than one power of two
     _PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
 
     # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included)
@@ -292,16 +191,11 @@ if triton is not None:
         dx = torch.empty_like(x_out)
         dy = torch.empty_like(x_out, dtype=y_dtype)
         partial = torch.empty(chunks, 4, channels, device=x_out.device, dtype=torch.float32)
-        args = (d_h, d_out, x_out, x_in, mean, rstd, weight, dx, dy, partial, rows, channels, rows_per_chunk)
-        piece = triton.next_power_of_2(triton.cdiv(channels, 3))
-        if _PIECES == 3 and 3 * piece < triton.next_power_of_2(channels):  # fewer lanes as three pieces
-            torch.library.wrap_triton(_residual_norm_backward_pieces_kernel)[(chunks,)](
-                *args, BLOCK_R=_BLOCK_R, PIECE=piece, num_warps=_WARPS, num_stages=_STAGES
-            )
-        else:
-            torch.library.wrap_triton(_residual_norm_backward_kernel)[(chunks,)](
-                *args, BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels), num_warps=_WARPS, num_stages=_STAGES
-            )
+        torch.library.wrap_triton(_residual_norm_backward_kernel)[(chunks,)](
+            d_h, d_out, x_out, x_in, mean, rstd, weight, dx, dy, partial, rows, channels, rows_per_chunk,
+            BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels),
+            num_warps=_WARPS, num_stages=_STAGES,
+        )  # fmt: skip
         return dx, dy, partial.sum(0)
 
 
