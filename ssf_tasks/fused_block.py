@@ -45,7 +45,7 @@ def residual_norm_backward_sums(
     d_h: torch.Tensor,
     d_out: torch.Tensor,
     x_out: torch.Tensor,
-    x_in: torch.Tensor,
+    x_in: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
     weight: torch.Tensor,
@@ -57,32 +57,35 @@ def residual_norm_backward_sums(
     and ``rstd`` are the norm's statistics per row, as its forward saved them. Returns ``dx``, the gradient of
     ``x_in`` (in ``x_out``'s dtype), the same values in ``y_dtype`` as a tensor of their own (the gradient of
     ``y``, which the Linear before takes; never an alias of ``dx``, see ``_ResidualSSF.backward``), and the
-    fp32 sums ``[4, C]`` over every row: ``Σ d_h ⊙ x̂``, ``Σ d_h``, ``Σ dx`` and ``Σ dx ⊙ y`` with ``x̂`` the
-    normalised ``x_out`` and ``y = x_out - x_in``.
+    fp32 sums ``[5, C]`` over every row: ``Σ d_h ⊙ x̂``, ``Σ d_h``, ``Σ dx``, ``Σ dx ⊙ y`` and
+    ``Σ d_out ⊙ x_out``, with ``x̂`` the normalised ``x_out``, ``y = x_out - x_in`` and ``dx`` as returned
+    (rounded to ``x_out``'s dtype). Without ``x_in`` (not read at all), the fourth sum is ``Σ dx ⊙ x_out``: the
+    op before, whose output ``x_in`` is, gives ``Σ dx ⊙ x_in`` as its fifth sum (see ``_ResidualNormSSF``).
     """
     rows = x_out.numel() // max(x_out.shape[-1], 1)
+    stream = (d_h, d_out, x_out) if x_in is None else (d_h, d_out, x_out, x_in)
     if (
-        not (d_h.shape == d_out.shape == x_out.shape == x_in.shape)
+        not all(t.shape == x_out.shape for t in stream)
         or weight.shape != x_out.shape[-1:]
         or mean.numel() != rows
         or rstd.numel() != rows
     ):
         raise ValueError(
-            "residual_norm_backward_sums needs four tensors of one shape, a statistic per row and a weight of "
-            f"their last size, got {[tuple(t.shape) for t in (d_h, d_out, x_out, x_in, mean, rstd, weight)]}"
+            "residual_norm_backward_sums needs its stream tensors of one shape, a statistic per row and a weight "
+            f"of their last size, got {[tuple(t.shape) for t in (*stream, mean, rstd, weight)]}"
         )
     kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    tensors = (d_h, d_out, x_out, x_in)
     if (
         triton is not None
         and x_out.is_cuda
-        and all(t.dtype in kernel_dtypes for t in tensors)
+        and all(t.dtype in kernel_dtypes for t in stream)
         and x_out.numel() > 0
         and x_out.shape[-1] <= _MAX_CHANNELS
     ):
-        contiguous = [t.contiguous() for t in tensors]
+        d_h, d_out, x_out, *rest = [t.contiguous() for t in stream]
         statistics = [t.float().reshape(rows) for t in (mean, rstd)]
-        return _residual_norm_backward_op(*contiguous, *statistics, weight.float().contiguous(), y_dtype)
+        x_in = rest[0] if rest else None
+        return _residual_norm_backward_op(d_h, d_out, x_out, x_in, *statistics, weight.float().contiguous(), y_dtype)
     return _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y_dtype)
 
 
@@ -94,12 +97,13 @@ def _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y
     x_hat = (x - mean.reshape(-1, 1).to(accumulate)) * rstd
     dh = d_h.reshape(-1, channels).to(accumulate)
     g = dh * weight.to(accumulate)
-    dx = d_out.reshape(-1, channels).to(accumulate) + rstd * (
-        g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)
-    )
-    y = x - x_in.reshape(-1, channels).to(accumulate)
-    sums = torch.stack([(dh * x_hat).sum(0), dh.sum(0), dx.sum(0), (dx * y).sum(0)])
-    dx = dx.to(x_out.dtype).view(x_out.shape)
+    d_out = d_out.reshape(-1, channels).to(accumulate)
+    dx = d_out + rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    dx = dx.to(x_out.dtype)
+    wide = dx.to(accumulate)
+    y = x if x_in is None else x - x_in.reshape(-1, channels).to(accumulate)
+    sums = torch.stack([(dh * x_hat).sum(0), dh.sum(0), wide.sum(0), (wide * y).sum(0), (d_out * x).sum(0)])
+    dx = dx.view(x_out.shape)
     return dx, dx.to(y_dtype, copy=True), sums
 
 
@@ -124,9 +128,10 @@ if triton is not None:
         rows_per_chunk,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        HAS_X_IN: tl.constexpr,
     ):
         # One program per chunk of rows, BLOCK_R whole rows at a time: writes dx, dy (dx in y's dtype) and one
-        # [4, C] row of partial sums, in a fixed order.
+        # [5, C] row of partial sums, in a fixed order. Without x_in, y stands for x_out (see the op).
         chunk = tl.program_id(0)
         columns = tl.arange(0, BLOCK_C)
         column_ok = columns < channels
@@ -135,6 +140,7 @@ if triton is not None:
         acc_dh = tl.zeros((BLOCK_C,), dtype=tl.float32)
         acc_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
         acc_dx_y = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_dout_x = tl.zeros((BLOCK_C,), dtype=tl.float32)
         first = chunk * rows_per_chunk
         last = tl.minimum(first + rows_per_chunk, rows)
         for start in tl.range(first, last, BLOCK_R):
@@ -152,18 +158,25 @@ if triton is not None:
             mean_g_xhat = tl.sum(g * x_hat, 1) / channels
             d_out = tl.load(d_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
             dx = d_out + rstd[:, None] * (g - mean_g[:, None] - x_hat * mean_g_xhat[:, None])
-            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            dx = dx.to(dx_ptr.dtype.element_ty)
+            tl.store(dx_ptr + offsets, dx, mask=ok)
             tl.store(dy_ptr + offsets, dx.to(dy_ptr.dtype.element_ty), mask=ok)
-            y = x - tl.load(x_in_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            dx = dx.to(tl.float32)  # the sums are those of dx as stored
+            if HAS_X_IN:
+                y = x - tl.load(x_in_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            else:
+                y = x
             acc_dh_xhat += tl.sum(dh * x_hat, 0)
             acc_dh += tl.sum(dh, 0)
             acc_dx += tl.sum(dx, 0)
             acc_dx_y += tl.sum(dx * y, 0)
-        out = partial_ptr + chunk * 4 * channels + columns
+            acc_dout_x += tl.sum(d_out * x, 0)
+        out = partial_ptr + chunk * 5 * channels + columns
         tl.store(out, acc_dh_xhat, mask=column_ok)
         tl.store(out + channels, acc_dh, mask=column_ok)
         tl.store(out + 2 * channels, acc_dx, mask=column_ok)
         tl.store(out + 3 * channels, acc_dx_y, mask=column_ok)
+        tl.store(out + 4 * channels, acc_dout_x, mask=column_ok)
 
     # Best of 27 tiles timed on an H200 at ViT-B's shape, [64·197, 768] (residual_norm_kernel_sweep2_session7_h200.txt).
     _BLOCK_R, _WARPS, _STAGES = 4, 4, 1
@@ -176,7 +189,7 @@ if triton is not None:
         d_h: torch.Tensor,
         d_out: torch.Tensor,
         x_out: torch.Tensor,
-        x_in: torch.Tensor,
+        x_in: torch.Tensor | None,
         mean: torch.Tensor,
         rstd: torch.Tensor,
         weight: torch.Tensor,
@@ -190,10 +203,11 @@ if triton is not None:
         chunks = triton.cdiv(rows, rows_per_chunk)
         dx = torch.empty_like(x_out)
         dy = torch.empty_like(x_out, dtype=y_dtype)
-        partial = torch.empty(chunks, 4, channels, device=x_out.device, dtype=torch.float32)
+        partial = torch.empty(chunks, 5, channels, device=x_out.device, dtype=torch.float32)
+        x_in_or_out = x_out if x_in is None else x_in  # not read without x_in
         torch.library.wrap_triton(_residual_norm_backward_kernel)[(chunks,)](
-            d_h, d_out, x_out, x_in, mean, rstd, weight, dx, dy, partial, rows, channels, rows_per_chunk,
-            BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels),
+            d_h, d_out, x_out, x_in_or_out, mean, rstd, weight, dx, dy, partial, rows, channels, rows_per_chunk,
+            BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels), HAS_X_IN=x_in is not None,
             num_warps=_WARPS, num_stages=_STAGES,
         )  # fmt: skip
         return dx, dy, partial.sum(0)
@@ -203,13 +217,18 @@ if triton is not None:
 class _ResidualNormSSF(torch.autograd.Function):
     """``x_out = x_in + y`` and ``h = LN(x_out) ⊙ (w ⊙ γ_n) + (b ⊙ γ_n + β_n)``, where ``y`` came out of a Linear
     site with ``γ_l``/``β_l`` folded in (``SSFLayer.fast_forward_sums_elsewhere``, which leaves their gradients
-    here). Saves ``x_in``, ``x_out`` and the norm's statistics: ``z = (y - β_l) / γ_l`` with ``y = x_out - x_in``, so
+    here). Saves ``x_out`` and the norm's statistics: ``z = (y - β_l) / γ_l`` with ``y = x_out - x_in``, so
     ``dγ_l = (Σ dx ⊙ y - β_l ⊙ Σ dx) / γ_l`` and ``dβ_l = Σ dx``; ``dγ_n = w ⊙ Σ d_h ⊙ x̂ + b ⊙ Σ d_h``,
     ``dβ_n = Σ d_h``.
+
+    ``Σ dx ⊙ y = Σ dx ⊙ x_out - Σ dx ⊙ x_in``. Where ``x_in`` is the output of the op before in the chain
+    (``read_x_in=False``), this op takes the first term only and does not read ``x_in`` at all; the op before
+    gives the second as ``Σ d_out ⊙ x_out`` over its own output, which it reads anyway, as a gradient of this
+    op's ``γ_l`` (its ``next_scale``), which autograd adds up. That saves a read of the stream per op.
     """
 
     @staticmethod
-    def forward(ctx, x_in, y, lin_scale, lin_shift, weight, bias, norm_scale, norm_shift, eps):
+    def forward(ctx, x_in, y, lin_scale, lin_shift, weight, bias, norm_scale, norm_shift, eps, read_x_in, next_scale):
         x_out = x_in + y
         w, b = weight * norm_scale, bias * norm_scale + norm_shift
         h, mean, rstd = torch.ops.aten.native_layer_norm(x_out, list(weight.shape), w, b, eps)
@@ -220,17 +239,23 @@ class _ResidualNormSSF(torch.autograd.Function):
         if dtype != h.dtype:
             h = h.to(dtype)
         ctx.y_dtype, ctx.x_in_dtype = y.dtype, x_in.dtype
-        ctx.save_for_backward(x_in, x_out, mean, rstd, lin_scale, lin_shift, weight, bias, norm_scale)
+        ctx.read_x_in, ctx.has_next = read_x_in, next_scale is not None
+        missing = lin_scale  # save_for_backward takes tensors only
+        kept = (x_in if read_x_in else missing, next_scale if next_scale is not None else missing)
+        ctx.save_for_backward(x_out, mean, rstd, lin_scale, lin_shift, weight, bias, norm_scale, *kept)
         return x_out, h
 
     @staticmethod
     def backward(ctx, d_out, d_h):
-        x_in, x_out, mean, rstd, lin_scale, lin_shift, weight, bias, norm_scale = ctx.saved_tensors
+        x_out, mean, rstd, lin_scale, lin_shift, weight, bias, norm_scale, x_in, next_scale = ctx.saved_tensors
         w = weight.float() * norm_scale.float()
+        x_in = x_in if ctx.read_x_in else None
         dx, dy, sums = residual_norm_backward_sums(d_h, d_out, x_out, x_in, mean, rstd, w, ctx.y_dtype)
-        sum_dh_xhat, sum_dh, sum_dx, sum_dx_y = sums.unbind(0)
+        sum_dh_xhat, sum_dh, sum_dx, sum_dx_y, sum_dout_x = sums.unbind(0)
         grad_norm_scale = weight.float() * sum_dh_xhat + bias.float() * sum_dh
         grad_lin_scale = (sum_dx_y - lin_shift.float() * sum_dx) / lin_scale.float()
+        # The next op's Linear γ: minus Σ dx ⊙ x_in over its rows, where its dx is this op's d_out.
+        grad_next = -sum_dout_x / next_scale.float() if ctx.has_next else None
         dtype = lin_scale.dtype
         return (
             dx.to(ctx.x_in_dtype),
@@ -242,6 +267,8 @@ class _ResidualNormSSF(torch.autograd.Function):
             grad_norm_scale.to(dtype),
             sum_dh.to(dtype),
             None,
+            None,
+            grad_next.to(dtype) if grad_next is not None else None,
         )
 
 
@@ -270,11 +297,14 @@ class _ResidualSSF(torch.autograd.Function):
         return d_out.to(ctx.x_in_dtype), d_y, grad_lin_scale.to(dtype), sum_dx.to(dtype)
 
 
-def _residual_norm(x: torch.Tensor, y: torch.Tensor, linear_site: nn.Module, norm_site: nn.Module):
+def _residual_norm(x, y, linear_site, norm_site, read_x_in: bool, next_site: nn.Module | None):
+    """The op for ``x + y`` then ``norm_site``; ``next_site`` is the Linear whose op takes this op's output as its
+    ``x_in`` without reading it (see ``_ResidualNormSSF``), None if there is none."""
     norm = norm_site.base_layer
     scale, shift = norm_site.task_rows(norm_site.routing.index)
-    args = (norm.weight, norm.bias, scale, shift, norm.eps)
-    return _ResidualNormSSF.apply(x, y, *linear_site.task_rows(linear_site.routing.index), *args)
+    args = (norm.weight, norm.bias, scale, shift, norm.eps, read_x_in)
+    next_scale = next_site.task_rows(next_site.routing.index)[0] if next_site is not None else None
+    return _ResidualNormSSF.apply(x, y, *linear_site.task_rows(linear_site.routing.index), *args, next_scale)
 
 
 # ----------------------------------------------------------------------------------------------- the modules
@@ -291,13 +321,18 @@ class FusedBlockChain(nn.Sequential):
         if not self._fused(x):
             return super().forward(x)
         pending = None  # the previous block's fc2 output and site, not yet added to the residual stream
-        for block in self:
+        last = len(self) - 1
+        for i, block in enumerate(self):
+            proj = block.attn.proj
             if pending is None:
                 h = block.norm1(x)
-            else:
-                x, h = _residual_norm(x, *pending, block.norm1)
-            y = block.attn.proj.fast_forward_sums_elsewhere(block.attn.attend(h))
-            x, h = _residual_norm(x, y, block.attn.proj, block.norm2)
+            else:  # its output is the x_in of proj's op below, which leaves the stream read to this one
+                x, h = _residual_norm(x, *pending, block.norm1, read_x_in=False, next_site=proj)
+            y = proj.fast_forward_sums_elsewhere(block.attn.attend(h))
+            # The first block's stream input comes from outside the chain, so its op reads it; fc2's op follows
+            # in every block but the last (whose fc2 output is added by _ResidualSSF, which reads its input).
+            next_site = block.mlp.fc2 if i < last else None
+            x, h = _residual_norm(x, y, proj, block.norm2, read_x_in=i == 0, next_site=next_site)
             mlp = block.mlp
             hidden = mlp.hidden(h) if isinstance(mlp, FusedGeluMlp) else mlp.drop1(mlp.act(mlp.fc1(h)))
             pending = (mlp.fc2.fast_forward_sums_elsewhere(mlp.norm(hidden)), mlp.fc2)
