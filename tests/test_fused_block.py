@@ -40,6 +40,11 @@ for block_r, warps, programs in tiles:
         errors[f"{block_r}/{shape}/fp32 dy copy"] = float((dy - dx).abs().max()) + (dy.data_ptr() == dx.data_ptr())
         for name, a, b in (("dx", dx, expected[0]), ("sums", sums, expected[2])):
             errors[f"{block_r}/{shape}/fp32 {name}"] = float((a.double() - b).abs().max() / b.abs().max())
+        # without x_in (never read): the fourth sum is Σ dx ⊙ x_out
+        expected = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:], torch.float64)
+        _, _, sums = fused_block._residual_norm_backward_op(d_h, d_out, x_out, None, *stats, weight, torch.float32)
+        error = (sums.double() - expected[2]).abs().max() / expected[2].abs().max()
+        errors[f"{block_r}/{shape}/fp32 without x_in sums"] = float(error)
         # as under bf16 autocast: the norm's output gradient in bf16, the stream in fp32, dy in bf16
         d_h16 = d_h.bfloat16()
         expected = fused_block._residual_norm_backward_torch(d_h16.double(), *wide[1:], torch.float64)
@@ -57,12 +62,12 @@ print(json.dumps(errors))
 def test_kernel_matches_the_torch_version_in_the_interpreter():
     pytest.importorskip("triton")
     errors = run_in_triton_interpreter(KERNEL_CHECK)
-    assert len(errors) == 3 * 4 * 7
+    assert len(errors) == 3 * 4 * 8
     assert all(v == 0 for k, v in errors.items() if k.endswith("dy copy")), errors
     assert all(v == 1 for k, v in errors.items() if k.endswith("dy dtype")), errors
     assert all(v <= 1 for k, v in errors.items() if k.endswith("is dx rounded")), errors
     numeric = {k: v for k, v in errors.items() if k.endswith((" dx", " sums"))}
-    assert len(numeric) == 3 * 4 * 4
+    assert len(numeric) == 3 * 4 * 5
     assert all(v < 1e-5 for v in numeric.values()), numeric  # fp32 against fp64, on the same bf16 inputs
 
 
@@ -87,7 +92,12 @@ def test_torch_version_is_the_residual_add_and_layer_norm_backward_with_its_sums
     assert_close(sums[1], bias.grad)  # Σ d_h
     assert_close(sums[2], y.grad.sum((0, 1)))
     assert_close(sums[3], (y.grad * y.detach()).sum((0, 1)))
-    with pytest.raises(ValueError, match="one shape"):
+    assert_close(sums[4], (d_out * x_out.detach()).sum((0, 1)))
+    # Without x_in the fourth sum is Σ dx ⊙ x_out; the op before gives the Σ dx ⊙ x_in that it lacks.
+    _, _, partial = residual_norm_backward_sums(d_h, d_out, x_out.detach(), None, mean, rstd, weight.detach(), y.dtype)
+    assert_close(partial[[0, 1, 2, 4]], sums[[0, 1, 2, 4]])
+    assert_close(partial[3] - (y.grad * x_in.detach()).sum((0, 1)), sums[3])
+    with pytest.raises(ValueError, match="stream tensors of one shape"):
         residual_norm_backward_sums(d_h, d_out[:1], *kept, y.dtype)
     with pytest.raises(ValueError, match="statistic per row"):
         residual_norm_backward_sums(d_h, d_out, x_out, x_in, mean[:1], rstd, weight, y.dtype)
@@ -109,12 +119,13 @@ def test_blocks_with_layer_scale_or_stochastic_depth_keep_timm_class(option):
 
 
 def _count_calls(monkeypatch):
-    calls = {"norm": 0, "kept": []}
+    calls = {"norm": 0, "kept": [], "reads_x_in": []}
     original_sums = fused_block.residual_norm_backward_sums
     original_apply = _FrozenOpSSF.apply
 
     def sums(*args):
         calls["norm"] += 1
+        calls["reads_x_in"].append(args[3] is not None)
         return original_sums(*args)
 
     def apply(*args):
@@ -138,6 +149,8 @@ def test_chain_runs_one_norm_op_per_layer_norm_site_after_a_linear(monkeypatch):
     model(make_images("vit"), "a")[:, :4].sum().backward()
     depth = len(model.backbone.blocks)
     assert calls["norm"] == 2 * depth - 1
+    # only the first op reads its stream input; every later one gets Σ dx ⊙ x_in from the op before
+    assert sorted(calls["reads_x_in"]) == [False] * (2 * depth - 2) + [True]
     # per block: qkv keeps its output (attention keeps it), proj and fc2 keep nothing, fc1 its output; the stem
     assert sorted(calls["kept"]) == sorted(["output"] + ["output", "nothing", "output", "nothing"] * depth)
 

@@ -302,6 +302,10 @@ def test_residual_norm_backward_kernel_matches_fp64(stream_dtype):
         tolerance = 1e-5 if stream_dtype == torch.float32 else 1e-2  # bf16: the rounding of dx itself
         for got, want in ((dx, expected[0]), (dy, expected[0]), (sums, expected[2])):
             assert (got.double() - want).abs().max() <= max(tolerance, 1e-2 * (got is dy)) * want.abs().max()
+        # without x_in (never read), as every op of the chain but the first runs it
+        _, _, sums = fused_block.residual_norm_backward_sums(d_h, d_out, x_out, None, *kept[2:], torch.bfloat16)
+        expected = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:], torch.float64)
+        assert (sums.double() - expected[2]).abs().max() <= tolerance * expected[2].abs().max()
 
 
 def test_qkv_backward_kernel_matches_fp64_on_sdpa_gradients():
