@@ -27,6 +27,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 from .fused_mlp import FusedGeluMlp
+from .kernel_support import tl, triton
 from .mixed_attention import MixedTaskAttention, linear_output_dtype
 
 __all__ = [
@@ -34,14 +35,6 @@ __all__ = [
     "adopt_fused_blocks",
     "residual_norm_backward_sums",
 ]
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch version is used
-    triton = None
-if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot hand a Triton kernel to inductor
-    triton = None
 
 
 def residual_norm_backward_sums(

@@ -20,15 +20,9 @@ import torch
 from timm.layers import Mlp as TimmMlp
 from torch import nn
 
-__all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward_sums"]
+from .kernel_support import tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch version is used
-    triton = None
-if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot hand a Triton kernel to inductor
-    triton = None
+__all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward_sums"]
 
 
 def gelu_backward_sums(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

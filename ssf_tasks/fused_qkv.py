@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["qkv_backward_sums"]
+from .kernel_support import tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch version is used
-    triton = None
-if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot hand a Triton kernel to inductor
-    triton = None
+__all__ = ["qkv_backward_sums"]
 
 
 def qkv_backward_sums(
