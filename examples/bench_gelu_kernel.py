@@ -17,6 +17,7 @@ import itertools
 
 import torch
 import triton
+from kernel_tiles import time_tiles
 from triton.testing import do_bench_cudagraph
 
 from ssf_tasks import fused_mlp
@@ -44,31 +45,9 @@ def main(sweep: bool, rows: int = 64 * 197, channels: int = 3072) -> tuple | Non
     t_torch = do_bench_cudagraph(lambda: in_torch(dout, y), rep=300) * 1000
     print(f"   the same with the two sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(dout, y), expected)}")
     names = ("_BLOCK_R", "_BLOCK_C", "_WARPS", "_PROGRAMS")
-    default = tuple(getattr(fused_mlp, name) for name in names)
-    tiles = [default]
-    if sweep:
-        grid = itertools.product((2, 4, 8), (256, 512, 1024), (4, 8, 16), (528, 1056))
-        tiles += [t for t in grid if t != default]
-    best = None
-    for tile in tiles:
-        for name, value in zip(names, tile, strict=True):
-            setattr(fused_mlp, name, value)
-        label = "kernel {} rows x {} columns, {} warps, {} programs".format(*tile)
-        try:
-            result = fused_mlp._gelu_backward_sums_op(dout, y)
-            t = do_bench_cudagraph(lambda: fused_mlp._gelu_backward_sums_op(dout, y), rep=300) * 1000
-        except Exception as error:  # a tile that does not compile (registers, shared memory) is reported
-            print(f"   {label}: failed ({error})")
-            continue
-        print(f"   {label}: {t:.1f} us ({t / t_floor:.2f}x GELU's backward)  {_errors(result, expected)}", flush=True)
-        if best is None or t < best[0]:
-            best = (t, tile)
-    for name, value in zip(names, default, strict=True):
-        setattr(fused_mlp, name, value)
-    if best is not None:
-        print(f"best: {best[1]} at {best[0]:.1f} us")
-        return best[1]
-    return None
+    grid = itertools.product((2, 4, 8), (256, 512, 1024), (4, 8, 16), (528, 1056)) if sweep else ()
+    run = lambda: fused_mlp._gelu_backward_sums_op(dout, y)  # noqa: E731
+    return time_tiles(fused_mlp, names, grid, run, lambda r: _errors(r, expected), t_floor, "GELU's backward")
 
 
 if __name__ == "__main__":

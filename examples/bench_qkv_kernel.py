@@ -18,6 +18,7 @@ import itertools
 
 import torch
 import triton
+from kernel_tiles import time_tiles
 from triton.testing import do_bench_cudagraph
 
 from ssf_tasks import fused_qkv
@@ -57,31 +58,9 @@ def main(sweep: bool, shape: tuple[int, int, int, int] = (64, 197, 12, 64)) -> t
     t_torch = do_bench_cudagraph(lambda: in_torch(*args), rep=300) * 1000
     print(f"   the same with the two sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
     names = ("_BLOCK_R", "_BLOCK_C", "_WARPS", "_PROGRAMS", "_STAGES")
-    default = tuple(getattr(fused_qkv, name) for name in names)
-    tiles = [default]
-    if sweep:
-        grid = itertools.product((16, 32, 64), (128, 256), (4, 8), (528, 1056), (1, 3))
-        tiles += [t for t in grid if t != default]
-    best = None
-    for tile in tiles:
-        for name, value in zip(names, tile, strict=True):
-            setattr(fused_qkv, name, value)
-        label = "kernel {} rows x {} columns, {} warps, {} programs, {} stages".format(*tile)
-        try:
-            result = fused_qkv._qkv_backward_sums_op(*args)
-            t = do_bench_cudagraph(lambda: fused_qkv._qkv_backward_sums_op(*args), rep=300) * 1000
-        except Exception as error:  # a tile that does not compile (registers, shared memory) is reported
-            print(f"   {label}: failed ({error})")
-            continue
-        print(f"   {label}: {t:.1f} us ({t / t_floor:.2f}x the copy's)  {_errors(result, expected)}", flush=True)
-        if best is None or t < best[0]:
-            best = (t, tile)
-    for name, value in zip(names, default, strict=True):
-        setattr(fused_qkv, name, value)
-    if best is not None:
-        print(f"best: {best[1]} at {best[0]:.1f} us")
-        return best[1]
-    return None
+    grid = itertools.product((16, 32, 64), (128, 256), (4, 8), (528, 1056), (1, 3)) if sweep else ()
+    run = lambda: fused_qkv._qkv_backward_sums_op(*args)  # noqa: E731
+    return time_tiles(fused_qkv, names, grid, run, lambda r: _errors(r, expected), t_floor, "the copy's")
 
 
 if __name__ == "__main__":

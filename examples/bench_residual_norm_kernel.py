@@ -2,11 +2,11 @@
 
 One ViT-B LayerNorm site at batch 64 ([64·197, 768], gradients of the norm's output in bf16, the residual
 stream in fp32, as under bf16 autocast): torch.compile's LayerNorm backward with the residual add and no sums
-(what the frozen backbone's step runs), the same with the four column sums written in torch (what torch.compile
+(what the frozen backbone's step runs), the same with the five column sums written in torch (what torch.compile
 would make of the op's backward), and the Triton kernel at a set of tiles, each checked against an fp64
-reference. Timed one call at a time from Python: it ranks tiles; only the training step's profile compares the
-kernel with torch.compile's kernels in place. Times are of CUDA-graph replays (``do_bench_cudagraph``), so the
-host's launch time is left out. Needs a CUDA GPU and Triton.
+reference. The op runs without ``x_in``, as every op of the chain but the first does. It ranks tiles; only the
+training step's profile compares the kernel with torch.compile's kernels in place. Times are of CUDA-graph
+replays (``do_bench_cudagraph``), so the host's launch time is left out. Needs a CUDA GPU and Triton.
 Results: examples/bench_results/residual_norm_kernel_*.txt.
 
     PYTHONPATH=. python examples/bench_residual_norm_kernel.py [--sweep]
@@ -19,6 +19,7 @@ import itertools
 
 import torch
 import triton
+from kernel_tiles import time_tiles
 from triton.testing import do_bench_cudagraph
 
 from ssf_tasks import fused_block
@@ -52,48 +53,26 @@ def _errors(result, expected) -> str:
     return " ".join(parts)
 
 
-def main(sweep: bool, rows: int = 64 * 197, channels: int = 768) -> tuple[int, int, int, int] | None:
+def main(sweep: bool, rows: int = 64 * 197, channels: int = 768) -> tuple | None:
     print("triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
     d_h, d_out, x_out, x_in, mean, rstd, weight = _inputs(rows, channels)
     wide = [t.double() for t in (d_h, d_out, x_out, x_in, mean, rstd, weight)]
-    expected = fused_block._residual_norm_backward_torch(*wide, torch.float64)
+    # without x_in, as every op of the chain but the first runs (fused_block._ResidualNormSSF)
+    expected = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:], torch.float64)
     floor = torch.compile(_floor_backward)
     in_torch = torch.compile(fused_block._residual_norm_backward_torch)
     floor(d_h, d_out, x_out, mean, rstd, weight)  # compile before the graph capture
     t_floor = do_bench_cudagraph(lambda: floor(d_h, d_out, x_out, mean, rstd, weight), rep=300) * 1000
     print(f"[{rows}, {channels}]: LayerNorm backward + residual, no sums (torch.compile): {t_floor:.1f} us")
-    args = (d_h, d_out, x_out, x_in, mean, rstd, weight, torch.bfloat16)
+    args = (d_h, d_out, x_out, None, mean, rstd, weight, torch.bfloat16)
     in_torch(*args)
     t_torch = do_bench_cudagraph(lambda: in_torch(*args), rep=300) * 1000
-    print(f"   the same with the four sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
-    default = (fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS, fused_block._STAGES)
-    tiles = [default]
-    if sweep:
-        # up to one program per row block (2**20 asked for), as inductor's own LayerNorm backward runs
-        grid = itertools.product((4, 8, 16), (4, 8, 16), (264, 1056, 4224, 2**20), (1,))
-        tiles += [t for t in grid if t != default]
-    best = None
-    for block_r, warps, programs, stages in tiles:
-        fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS = block_r, warps, programs
-        fused_block._STAGES = stages
-        try:
-            result = fused_block._residual_norm_backward_op(*args)
-            t = do_bench_cudagraph(lambda: fused_block._residual_norm_backward_op(*args), rep=300) * 1000
-        except Exception as error:  # a tile that does not compile (registers, shared memory) is reported
-            print(f"   kernel {block_r} rows, {warps} warps, {programs} programs, {stages} stages: failed ({error})")
-            continue
-        print(
-            f"   kernel {block_r} rows, {warps} warps, {programs} programs, {stages} stages: {t:.1f} us "
-            f"({t / t_floor:.2f}x the floor's)  {_errors(result, expected)}",
-            flush=True,
-        )
-        if best is None or t < best[0]:
-            best = (t, (block_r, warps, programs, stages))
-    fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS, fused_block._STAGES = default
-    if best is not None:
-        print(f"best: {best[1]} at {best[0]:.1f} us")
-        return best[1]
-    return None
+    print(f"   the same with the five sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
+    names = ("_BLOCK_R", "_WARPS", "_PROGRAMS", "_STAGES")
+    # up to one program per row block (2**20 asked for), as inductor's own LayerNorm backward runs
+    grid = itertools.product((4, 8, 16), (4, 8, 16), (264, 1056, 4224, 2**20), (1,)) if sweep else ()
+    run = lambda: fused_block._residual_norm_backward_op(*args)  # noqa: E731
+    return time_tiles(fused_block, names, grid, run, lambda r: _errors(r, expected), t_floor, "the floor's")
 
 
 if __name__ == "__main__":
