@@ -4,9 +4,9 @@ Why: on the fused training path (``ssf._FrozenOpSSF``) a Linear site's γ/β gra
 ``Σ dy`` and ``Σ dy ⊙ y``, over every row of its output ``y`` and its gradient ``dy``. For ``qkv``, ``dy`` is
 the q, k and v gradients that the attention backward gives, put back side by side in the ``[B, N, 3·H·d]``
 layout of timm's split. Even a frozen backbone pays for that copy. Left to torch.compile, the copy and the two
-sums took three kernels that read the q/k/v gradients twice more: 103 µs per ViT-B block at batch 64 on an
-H200, against 28 µs for the copy alone (BENCHMARKS.md). The kernel here reads each gradient and ``y`` once,
-writes ``dy`` and keeps the two sums as it goes.
+sums took three kernels that read the q/k/v gradients twice more: 102 µs per ViT-B block at batch 64 on an
+H200, against 28 µs for the copy alone. The kernel here reads each gradient and ``y`` once, writes ``dy`` and
+keeps the two sums as it goes: 50 µs in the same step, 0.6 ms per step (BENCHMARKS.md).
 
 ``SSFLayer.fast_forward_heads`` runs ``qkv``, its SSF and timm's q/k/v split as one op whose backward takes
 this kernel; ``MixedTaskAttention`` calls it on the fused path (one task per batch, on CUDA).
