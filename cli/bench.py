@@ -66,6 +66,7 @@ def training(
     peft: Annotated[bool, typer.Option(help="include PEFT LoRA r=8")] = True,
     profile: Annotated[bool, typer.Option(help="print each variant's top CUDA kernels")] = False,
     mode: Annotated[str | None, typer.Option(help="torch.compile mode for every compiled variant")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="timing passes over all variants, in alternation")] = 5,
     repeats: Repeats = 20,
     out: Out = None,
 ) -> None:
@@ -77,6 +78,8 @@ def training(
             *([] if peft else ["--no-peft"]),
             *(["--profile"] if profile else []),
             *(["--mode", mode] if mode else []),
+            "--rounds",
+            str(rounds),
         ]
     )
 

@@ -342,7 +342,8 @@ def bench_training(
     # (the partitioner recomputes cheap ops instead of saving them); inductor's combo kernels (independent small
     # kernels, such as the fused path's per-site folds, launched as one) and its C++ wrapper (the generated code
     # that launches the kernels in C++, not Python: less host time per launch), both tried on both sides. With
-    # ``only``, these are taken when an entry names their setting ("budget=0.2", "combo_kernels", "cpp_wrapper").
+    # ``only``, these are taken when an entry names their setting ("budget=0.2", "combo_kernels", "cpp_wrapper");
+    # without it, the budgets are, and the inductor settings are not (four more variants to compile).
     patched: list[tuple[str, str, Callable, dict, dict]] = [
         (
             "ssf-tasks SSF + head (fused path, {})",
@@ -353,14 +354,15 @@ def bench_training(
         )
         for b in memory_budgets
     ]
+    asked_for = []
     for setting in ("combo_kernels", "cpp_wrapper"):
-        patched += [
+        asked_for += [
             ("full fine-tuning ({})", f"inductor {setting}", full_ft, {}, {setting: True}),
             ("ssf-tasks SSF + head (fused path, {})", f"inductor {setting}", ssf(True), {}, {setting: True}),
         ]
     if only:
         variants = [(label, make) for label, make in variants if any(o in label for o in only)]
-        patched = [variant for variant in patched if any(o in variant[1] for o in only)]
+        patched = [variant for variant in patched + asked_for if any(o in variant[1] for o in only)]
     settings = [(label.format(setting), make, f, i) for label, setting, make, f, i in patched]
     # Every variant is built, compiled, warmed up and measured for memory first; then all are timed in
     # alternation (``rounds`` passes), so that a slow spell of the machine does not land on one variant only.
@@ -585,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=5, help="training: timing passes over all variants, in alternation"
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if not torch.cuda.is_available():
         print("error: the benchmarks need a CUDA device", file=sys.stderr)
         return 1

@@ -469,9 +469,8 @@ def test_bench_training_passes_its_options_to_the_benchmark(monkeypatch):
     seen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("ssf_tasks.bench.main", lambda argv: seen.append(argv) or 0)
-    args = ["bench", "training", "--mode", "reduce-overhead", "--no-peft", "--repeats", "5"]
+    args = ["bench", "training", "--mode", "reduce-overhead", "--no-peft", "--repeats", "5", "--rounds", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert seen == [
-        ["training", "--model", "vit_base_patch16_224", "--repeats", "5", "--no-peft", "--mode", "reduce-overhead"]
-    ]
+    common = ["training", "--model", "vit_base_patch16_224", "--repeats", "5", "--no-peft"]
+    assert seen == [[*common, "--mode", "reduce-overhead", "--rounds", "1"]]
