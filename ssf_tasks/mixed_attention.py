@@ -273,7 +273,8 @@ class MixedTaskAttention(TimmAttention):
     ``MultiTaskSSF`` gives this class to every eligible attention module of the backbone (see
     :func:`adopt_mixed_attention`); parameters, keys and every other case (the CPU by default, masks) stay timm's
     own ``forward``. ``fused_mixed = False`` turns the kernel off, ``fused_qkv = False`` the one-op ``qkv``
-    (benchmarks, tests).
+    (benchmarks, tests). The one-op ``qkv`` calls the site's op itself, so forward hooks on ``qkv`` do not run
+    there.
     """
 
     fused_mixed: bool = True
