@@ -27,7 +27,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 from .fused_mlp import FusedGeluMlp
-from .kernel_support import tl, triton
+from .kernel_support import row_chunks, tl, triton
 from .mixed_attention import MixedTaskAttention, linear_output_dtype
 
 __all__ = [
@@ -194,9 +194,7 @@ if triton is not None:
         """The kernel on contiguous tensors of one shape and fp32 statistics (see ``residual_norm_backward_sums``)."""
         channels = x_out.shape[-1]
         rows = x_out.numel() // channels
-        chunks = max(1, min(triton.cdiv(rows, _BLOCK_R), _PROGRAMS))
-        rows_per_chunk = triton.cdiv(triton.cdiv(rows, chunks), _BLOCK_R) * _BLOCK_R
-        chunks = triton.cdiv(rows, rows_per_chunk)
+        chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, _PROGRAMS)
         dx = torch.empty_like(x_out)
         dy = torch.empty_like(x_out, dtype=y_dtype)
         partial = torch.empty(chunks, 5, channels, device=x_out.device, dtype=torch.float32)

@@ -20,7 +20,7 @@ import torch
 from timm.layers import Mlp as TimmMlp
 from torch import nn
 
-from .kernel_support import tl, triton
+from .kernel_support import row_chunks, tl, triton
 
 __all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward_sums"]
 
@@ -99,10 +99,7 @@ if triton is not None:
         channels = y.shape[-1]
         rows = y.numel() // channels
         column_blocks = triton.cdiv(channels, _BLOCK_C)
-        # Enough chunks of rows to fill the card a few times over; each chunk a whole number of row blocks.
-        chunks = max(1, min(triton.cdiv(rows, _BLOCK_R), _PROGRAMS // column_blocks))
-        rows_per_chunk = triton.cdiv(triton.cdiv(rows, chunks), _BLOCK_R) * _BLOCK_R
-        chunks = triton.cdiv(rows, rows_per_chunk)
+        chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, _PROGRAMS // column_blocks)
         dy = torch.empty_like(y)
         partial_dy = torch.empty(chunks, channels, device=y.device, dtype=torch.float32)
         partial_dy_y = torch.empty_like(partial_dy)

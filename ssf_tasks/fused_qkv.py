@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_support import tl, triton
+from .kernel_support import row_chunks, tl, triton
 
 __all__ = ["qkv_backward_sums"]
 
@@ -171,10 +171,7 @@ if triton is not None:
         batch, tokens, width3 = y.shape
         width, rows = width3 // 3, batch * tokens
         column_blocks = triton.cdiv(width, _BLOCK_C)
-        # Enough chunks of rows to fill the card a few times over; each chunk a whole number of row blocks.
-        chunks = max(1, min(triton.cdiv(rows, _BLOCK_R), _PROGRAMS // column_blocks))
-        rows_per_chunk = triton.cdiv(triton.cdiv(rows, chunks), _BLOCK_R) * _BLOCK_R
-        chunks = triton.cdiv(rows, rows_per_chunk)
+        chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, _PROGRAMS // column_blocks)
         dy = torch.empty_like(y)
         partial = torch.empty(chunks, 2, width3, device=y.device, dtype=torch.float32)
         torch.library.wrap_triton(_qkv_backward_sums_kernel)[(column_blocks, chunks)](

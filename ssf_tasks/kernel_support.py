@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tl", "triton"]
+__all__ = ["row_chunks", "tl", "triton"]
 
 try:
     import triton
@@ -18,3 +18,15 @@ except ImportError:
     triton = tl = None
 if not hasattr(torch.library, "triton_op"):
     triton = tl = None
+
+
+def row_chunks(rows: int, block_rows: int, programs: int) -> tuple[int, int]:
+    """``(chunks, rows_per_chunk)`` for a kernel whose programs each take a chunk of whole row blocks and write one
+    row of partial sums: at most ``programs`` chunks, enough to fill the card a few times over, none empty."""
+    chunks = max(1, min(_cdiv(rows, block_rows), programs))
+    rows_per_chunk = _cdiv(_cdiv(rows, chunks), block_rows) * block_rows
+    return _cdiv(rows, rows_per_chunk), rows_per_chunk
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
