@@ -33,6 +33,7 @@ from .fused_mlp import FusedGeluMlp
 from .graphed import GraphedForward
 from .mixed_attention import MixedTaskAttention
 from .model import MultiTaskSSF
+from .ssf import patchify_linear
 
 __all__ = ["bench_inference", "bench_training", "bench_fold", "main", "ssf_training_variant"]
 
@@ -98,6 +99,23 @@ def _report(rows: list[Row], row: Row) -> None:
     print(json.dumps(row), flush=True)
 
 
+class _PatchesGemmConv(nn.Conv2d):
+    """A patchify ``nn.Conv2d`` run as ssf-tasks runs it, one GEMM (``patchify_linear``); same parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return patchify_linear(x, self.weight, self.bias)
+
+
+def with_patches_gemm(model: nn.Module) -> nn.Module:
+    """``model`` with its ViT patch embedding run as one GEMM, as ssf-tasks runs it on CUDA: the baselines'
+    rows "(patch embedding as one GEMM)" show how much of a ratio that alone moves (cuDNN is slow at it)."""
+    conv = model.patch_embed.proj
+    if type(conv) is not nn.Conv2d or conv.kernel_size != conv.stride or conv.padding not in (0, (0, 0)):
+        raise ValueError(f"not a patchify conv: {conv}")
+    conv.__class__ = _PatchesGemmConv
+    return model
+
+
 def _ssf_model(model_name: str, num_tasks: int, classes: int, dtype: torch.dtype) -> MultiTaskSSF:
     backbone = timm.create_model(model_name, num_classes=0).cuda().eval()
     model = MultiTaskSSF(backbone)
@@ -118,11 +136,13 @@ def bench_inference(
     repeats: int = 20,
     compile_mode: str | None = None,
     profile: bool = False,
+    stem_gemm: bool = True,
 ) -> list[Row]:
     """Throughput of the plain backbone against mixed-task SSF batches (and a per-task loop and PEFT LoRA).
 
     Batches of 8 or fewer are latency-bound: they also run as whole-forward CUDA graphs (``GraphedForward``),
-    plain and ssf-tasks timed in alternation so that drifts of the machine hit both alike.
+    plain and ssf-tasks timed in alternation so that drifts of the machine hit both alike. ``stem_gemm`` adds
+    the compiled plain backbone with its patch embedding run as ssf-tasks runs it (``with_patches_gemm``).
     """
     dtype = torch.bfloat16
     rows: list[Row] = []
@@ -154,6 +174,16 @@ def bench_inference(
                 _timed(lambda: compiled_plain(images), warmup=warmup, repeats=repeats),
                 rel_err=error,
             )
+            if stem_gemm:
+                torch._dynamo.reset()
+                plain_gemm = _compile(with_patches_gemm(copy.deepcopy(plain)), mode)
+                report(
+                    "plain backbone, compiled (patch embedding as one GEMM)",
+                    _timed(lambda: plain_gemm(images), warmup=warmup, repeats=repeats),
+                    rel_err=_rel_error(plain_gemm(images).clone(), plain_reference),
+                )
+                plain_gemm = None
+                torch._dynamo.reset()
 
             reference = model(images, tasks)
             report(
@@ -283,6 +313,10 @@ def bench_training(
         model = timm.create_model(model_name, num_classes=classes).cuda().train()
         return (lambda x: model(x)), list(model.parameters()), model
 
+    def full_ft_patches_gemm():
+        model = with_patches_gemm(timm.create_model(model_name, num_classes=classes).cuda().train())
+        return (lambda x: model(x)), list(model.parameters()), model
+
     def linear_probe():
         backbone = timm.create_model(model_name, num_classes=0).cuda().eval().requires_grad_(False)
         head = nn.Linear(backbone.num_features, classes).cuda()
@@ -297,7 +331,9 @@ def bench_training(
     def frozen_floor():
         # Every weight frozen but the position embedding (and the head): backward still runs through every
         # block, as SSF's must, but computes no weight gradients and no SSF at all. No SSF step can be cheaper.
+        # Its patch embedding runs as the SSF model's does (one GEMM).
         model = timm.create_model(model_name, num_classes=classes).cuda().train().requires_grad_(False)
+        model = with_patches_gemm(model)
         params = [model.pos_embed, *model.get_classifier().parameters()]
         for param in params:
             param.requires_grad_(True)
@@ -318,6 +354,7 @@ def bench_training(
 
     variants: list[tuple[str, Callable]] = [
         ("full fine-tuning", full_ft),
+        (_FULL_PATCHES_GEMM, full_ft_patches_gemm),
         ("linear probe", linear_probe),
         ("frozen-backbone floor (backward through every block, no weight gradients, no SSF)", frozen_floor),
     ]
@@ -402,12 +439,20 @@ def bench_training(
     for compiled in compiled_variants:
         group = [r for r in rows if r["compiled"] == compiled and "ms" in r]
         full = next((r for r in group if r["variant"] == "full fine-tuning"), None)
+        same_stem = next((r for r in group if r["variant"] == _FULL_PATCHES_GEMM), None)
+        for row in group if same_stem else ():
+            row["time_vs_full_patches_gemm"] = row["ms"] / same_stem["ms"]
         for row in group if full else ():
             row["time_vs_full"] = row["ms"] / full["ms"]
             # Under CUDA graphs the graphs' private pools are allocated before the peak is reset: not comparable.
             if not (compiled and compile_mode == "reduce-overhead"):
                 row["memory_vs_full"] = row["peak_gib"] / full["peak_gib"]
     return rows
+
+
+# Full fine-tuning with its patch embedding run as ssf-tasks runs it on CUDA (one GEMM, not cuDNN's conv): the
+# SSF step against it shows what the rest of the step gains, the patch embedding's speed-up left out.
+_FULL_PATCHES_GEMM = "full fine-tuning (patch embedding as one GEMM)"
 
 
 def ssf_training_variant(
@@ -586,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=5, help="training: timing passes over all variants, in alternation"
     )
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="let cuDNN time its kernels for each conv shape (every variant)"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -594,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     started = time.time()
     env = environment()
     print(json.dumps(env), flush=True)

@@ -19,7 +19,7 @@ from .fused_mlp import gelu_backward_sums
 from .fused_qkv import qkv_backward_sums
 from .sites import SiteRule
 
-__all__ = ["SSFLayer", "TaskRouting", "FAST_PATH_AUTO"]
+__all__ = ["SSFLayer", "TaskRouting", "FAST_PATH_AUTO", "patchify_linear"]
 
 # ``SSFLayer.fast_path`` values: None means "on CUDA, when safe"; True/False force it (tests use True on CPU).
 FAST_PATH_AUTO = None
@@ -75,6 +75,8 @@ class SSFLayer(nn.Module):
         if self.uses_fast_path(x):
             return self._fast_forward(x, self.routing.index)
         if self._norm_forward is None:
+            if self._fast_kind == "conv2d" and x.is_cuda:  # cuDNN is slow at patchify convs: one GEMM instead
+                return self._scale_shift(patchify_linear(x, self.base_layer.weight, self.base_layer.bias))
             return self._scale_shift(self.base_layer(x))
         # Fused norm+act: SSF sits between the norm and the activation, where it can still be folded.
         y = self._scale_shift(self._norm_forward(self.base_layer, x))
@@ -287,8 +289,26 @@ def _grad_sums(op: str, dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Te
 def _run_op(op: str, conv_args: tuple | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     if op == "linear":
         return F.linear(x, weight, bias)
-    stride, padding, dilation, groups = conv_args
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return patchify_linear(x, weight, bias)  # the fused path's convs are patchify convs (``_is_patchify``)
+
+
+def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A patchify conv (kernel = stride, no padding, one group) as one GEMM over the image's patches.
+
+    Why: cuDNN runs a patchify conv as a general conv, with layout conversions around it. ViT-B's 16×16 patch
+    embedding at batch 64 in bf16 took 519 µs compiled on an H200, the same GEMM 39 µs (BENCHMARKS.md, "Patch
+    embedding"); ``torch.backends.cudnn.benchmark`` did not change that. Same values as
+    ``F.conv2d(x, weight, bias, stride=kernel)`` (rows and columns past the last whole patch are dropped, as the
+    conv drops them); the result is ``[B, O, H', W']`` with channels-last strides, so the
+    ``flatten(2).transpose(1, 2)`` of a ViT is a view.
+    """
+    batch, channels, height, width = x.shape
+    kh, kw = weight.shape[-2:]
+    rows, columns = height // kh, width // kw
+    x = x[:, :, : rows * kh, : columns * kw]
+    patches = x.reshape(batch, channels, rows, kh, columns, kw).permute(0, 2, 4, 1, 3, 5)
+    y = F.linear(patches.reshape(batch, rows, columns, channels * kh * kw), weight.reshape(weight.shape[0], -1), bias)
+    return y.permute(0, 3, 1, 2)
 
 
 def fold_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ssf_tasks.bench import _ssf_training_error, ssf_training_variant
+from ssf_tasks.bench import _ssf_training_error, ssf_training_variant, with_patches_gemm
 from ssf_tasks.ssf import SSFLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # the bench's autocast is CUDA's
@@ -74,3 +74,22 @@ def test_ablation_variant_turns_the_one_op_qkv_off():
         attention = [m for m in model.backbone.modules() if isinstance(m, MixedTaskAttention)]
         assert len(attention) == len(model.backbone.blocks)
         assert {m.fused_qkv for m in attention} == {fused}
+
+
+def test_patches_gemm_baseline_is_the_same_network():
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=3).eval()
+    images = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        expected = model(images)
+        gemm = with_patches_gemm(copy.deepcopy(model))
+        torch.testing.assert_close(gemm(images), expected, rtol=1e-5, atol=1e-5)
+    assert gemm.state_dict().keys() == model.state_dict().keys()
+    assert type(gemm.patch_embed.proj) is not torch.nn.Conv2d  # it runs patchify_linear
+    model.patch_embed.proj = torch.nn.Conv2d(3, 8, 16, stride=8)
+    with pytest.raises(ValueError, match="not a patchify conv"):
+        with_patches_gemm(model)

@@ -18,6 +18,7 @@ from ssf_tasks import (
     StateDictMismatchError,
     TaskNotFoundError,
 )
+from ssf_tasks.ssf import patchify_linear
 
 
 def _model_with_tasks(family: str, sigma: float = 0.1) -> MultiTaskSSF:
@@ -271,6 +272,21 @@ def test_fast_path_matches_eager_outputs_and_gradients(family, keep_input):
     for key in eager[2]:
         assert_close(fast[2][key], eager[2][key], rtol=1e-4, atol=1e-6, msg=key)
     assert_close(fast[3], eager[3], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("image", "kernel", "bias"),
+    [((2, 3, 32, 32), (16, 16), True), ((1, 4, 35, 30), (8, 6), True), ((2, 3, 12, 12), (4, 4), False)],
+)
+def test_patchify_linear_is_the_conv(image, kernel, bias):
+    """The patch embedding as one GEMM (what CUDA runs, see ``patchify_linear``) is the conv, ragged edges dropped."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(image, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, image[1], *kernel, generator=generator, dtype=torch.float64)
+    b = torch.randn(5, generator=generator, dtype=torch.float64) if bias else None
+    out = patchify_linear(x, weight, b)
+    assert_close(out, torch.nn.functional.conv2d(x, weight, b, stride=kernel))
+    assert out.flatten(2).transpose(1, 2).is_contiguous()  # a ViT's reshape to tokens is a view
 
 
 def test_mixed_forward_traces_without_graph_breaks():
