@@ -3,9 +3,10 @@
 One ViT-B attention at batch 64: q, k, v split off a bf16 ``[64, 197, 2304]`` qkv output as timm splits it, and
 their gradients as SDPA's backward gives them (its own strides). Timed: torch.compile's copy of dq/dk/dv into
 the qkv gradient with no sums (what the frozen backbone's step runs), the same with the two column sums in torch
-(what torch.compile makes of the site's backward without the kernel), and the Triton kernel at a set of tiles,
-each checked against an fp64 reference. Times are of CUDA-graph replays (``do_bench_cudagraph``), so the host's
-launch time is left out; they rank tiles, and only the training step's profile compares kernels in place.
+(what torch.compile makes of the site's backward without the kernel), and the Triton kernel at a set of tiles
+(which also forms the site's gradients from the sums), each checked against an fp64 reference. Times are of
+CUDA-graph replays (``do_bench_cudagraph``), so the host's launch time is left out; they rank tiles, and only the
+training step's profile compares kernels in place.
 Needs a CUDA GPU and Triton. Results: examples/bench_results/qkv_kernel_*.txt.
 
     PYTHONPATH=. python examples/bench_qkv_kernel.py [--sweep]
@@ -37,10 +38,10 @@ def _copy_only(dq, dk, dv, y):
     return torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(y.shape)
 
 
-def _errors(result, expected) -> str:
+def _errors(result, expected, second: str = "sums") -> str:
     dy = float((result[0].double() - expected[0]).abs().max())
     sums = float((result[1].double() - expected[1]).abs().max() / expected[1].abs().max())
-    return f"dy {dy:.1e} sums {sums:.1e}"
+    return f"dy {dy:.1e} {second} {sums:.1e}"
 
 
 def main(sweep: bool, shape: tuple[int, int, int, int] = (64, 197, 12, 64)) -> tuple | None:
@@ -59,8 +60,13 @@ def main(sweep: bool, shape: tuple[int, int, int, int] = (64, 197, 12, 64)) -> t
     print(f"   the same with the two sums (torch.compile): {t_torch:.1f} us  {_errors(in_torch(*args), expected)}")
     names = ("_BLOCK_R", "_BLOCK_C", "_WARPS", "_PROGRAMS", "_STAGES")
     grid = itertools.product((16, 32, 64), (128, 256), (4, 8), (528, 1056), (1, 3)) if sweep else ()
-    run = lambda: fused_qkv._qkv_backward_sums_op(*args)  # noqa: E731
-    return time_tiles(fused_qkv, names, grid, run, lambda r: _errors(r, expected), t_floor, "the copy's")
+    # the kernel also forms the site's gradients from the sums, with its γ and β
+    scale, shift = 1 + 0.1 * torch.randn(y.shape[-1], device="cuda"), 0.1 * torch.randn(y.shape[-1], device="cuda")
+    grads = fused_qkv._gradients_from_sums(expected[1], scale.double(), shift.double())
+    expected_kernel = (expected[0], grads)
+    run = lambda: fused_qkv._qkv_backward_op(*args, scale, shift)  # noqa: E731
+    describe = lambda r: _errors(r, expected_kernel, "grads")  # noqa: E731
+    return time_tiles(fused_qkv, names, grid, run, describe, t_floor, "the copy's")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 One ViT-B LayerNorm site at batch 64 ([64·197, 768], gradients of the norm's output in bf16, the residual
 stream in fp32, as under bf16 autocast): torch.compile's LayerNorm backward with the residual add and no sums
 (what the frozen backbone's step runs), the same with the five column sums written in torch (what torch.compile
-would make of the op's backward), and the Triton kernel at a set of tiles, each checked against an fp64
-reference. The op runs without ``x_in``, as every op of the chain but the first does. It ranks tiles; only the
-training step's profile compares the kernel with torch.compile's kernels in place. Times are of CUDA-graph
+would make of the op's backward), and the Triton kernel at a set of tiles (which also forms the five
+gradients from the sums), each checked against an fp64 reference. The op runs without ``x_in``, as every op of
+the chain but the first does. It ranks tiles; only the training step's profile compares the kernel with
+torch.compile's kernels in place. Times are of CUDA-graph
 replays (``do_bench_cudagraph``), so the host's launch time is left out. Needs a CUDA GPU and Triton.
 Results: examples/bench_results/residual_norm_kernel_*.txt.
 
@@ -45,8 +46,8 @@ def _floor_backward(d_h, d_out, x_out, mean, rstd, weight):
     return dx, dx.bfloat16()
 
 
-def _errors(result, expected) -> str:
-    names = ("dx", "dy", "sums")
+def _errors(result, expected, last: str = "sums") -> str:
+    names = ("dx", "dy", last)
     parts = []
     for name, a, b in zip(names, result, expected, strict=True):
         parts.append(f"{name} {float((a.double() - b.double()).abs().max() / b.double().abs().max()):.1e}")
@@ -59,6 +60,13 @@ def main(sweep: bool, rows: int = 64 * 197, channels: int = 768) -> tuple | None
     wide = [t.double() for t in (d_h, d_out, x_out, x_in, mean, rstd, weight)]
     # without x_in, as every op of the chain but the first runs (fused_block._ResidualNormSSF)
     expected = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:], torch.float64)
+    # the kernel also takes the sites' vectors: b, γ_n, γ_l, β_l and the next op's γ_l
+    vectors = [c + 0.1 * torch.randn(channels, device="cuda") for c in (0, 1, 1, 0, 1)]
+    wide_vectors = [v.double() for v in (weight, *vectors)]
+    folded = wide_vectors[0] * wide_vectors[2]  # w ⊙ γ_n
+    dx, dy, sums = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:6], folded, torch.float64)
+    grads = fused_block._gradients_from_sums(sums, *wide_vectors[:2], *wide_vectors[3:])
+    expected_kernel = (dx, dy, grads)
     floor = torch.compile(_floor_backward)
     in_torch = torch.compile(fused_block._residual_norm_backward_torch)
     floor(d_h, d_out, x_out, mean, rstd, weight)  # compile before the graph capture
@@ -71,8 +79,10 @@ def main(sweep: bool, rows: int = 64 * 197, channels: int = 768) -> tuple | None
     names = ("_BLOCK_R", "_WARPS", "_PROGRAMS", "_STAGES")
     # up to one program per row block (2**20 asked for), as inductor's own LayerNorm backward runs
     grid = itertools.product((4, 8, 16), (4, 8, 16), (264, 1056, 4224, 2**20), (1,)) if sweep else ()
-    run = lambda: fused_block._residual_norm_backward_op(*args)  # noqa: E731
-    return time_tiles(fused_block, names, grid, run, lambda r: _errors(r, expected), t_floor, "the floor's")
+    kernel_args = (d_h, d_out, x_out, None, mean, rstd, weight, *vectors, torch.bfloat16)
+    run = lambda: fused_block._residual_norm_backward_op(*kernel_args)  # noqa: E731
+    describe = lambda r: _errors(r, expected_kernel, "grads")  # noqa: E731
+    return time_tiles(fused_block, names, grid, run, describe, t_floor, "the floor's")
 
 
 if __name__ == "__main__":

@@ -27,48 +27,55 @@ from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 from .fused_mlp import FusedGeluMlp
-from .kernel_support import row_chunks, tl, triton
+from .kernel_support import finished_last, row_chunks, tl, triton
 from .mixed_attention import MixedTaskAttention, linear_output_dtype
 
 __all__ = [
     "FusedBlockChain",
     "adopt_fused_blocks",
-    "residual_norm_backward_sums",
+    "residual_norm_backward",
 ]
 
 
-def residual_norm_backward_sums(
+def residual_norm_backward(
     d_h: torch.Tensor,
     d_out: torch.Tensor,
     x_out: torch.Tensor,
     x_in: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-    weight: torch.Tensor,
+    norm_affine: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    lin_affine: tuple[torch.Tensor, torch.Tensor],
+    next_scale: torch.Tensor | None,
     y_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``x_out = x_in + y; h = layer_norm(x_out) ⊙ weight + bias`` (normalised over the last axis).
+    """Backward of ``x_out = x_in + y; h = LN(x_out) ⊙ (w ⊙ γ_n) + (b ⊙ γ_n + β_n)`` (normalised over the last
+    axis), where ``y`` came out of a Linear site with ``γ_l``/``β_l`` folded in (see ``_ResidualNormSSF``).
 
     ``d_h`` and ``d_out`` are the gradients of ``h`` and of ``x_out`` (the residual stream going on); ``mean``
-    and ``rstd`` are the norm's statistics per row, as its forward saved them. Returns ``dx``, the gradient of
-    ``x_in`` (in ``x_out``'s dtype), the same values in ``y_dtype`` as a tensor of their own (the gradient of
-    ``y``, which the Linear before takes; never an alias of ``dx``, see ``_ResidualSSF.backward``), and the
-    fp32 sums ``[5, C]`` over every row: ``Σ d_h ⊙ x̂``, ``Σ d_h``, ``Σ dx``, ``Σ dx ⊙ y`` and
-    ``Σ d_out ⊙ x_out``, with ``x̂`` the normalised ``x_out``, ``y = x_out - x_in`` and ``dx`` as returned
-    (rounded to ``x_out``'s dtype). Without ``x_in`` (not read at all), the fourth sum is ``Σ dx ⊙ x_out``: the
-    op before, whose output ``x_in`` is, gives ``Σ dx ⊙ x_in`` as its fifth sum (see ``_ResidualNormSSF``).
+    and ``rstd`` are the norm's statistics per row, as its forward saved them; ``norm_affine`` is
+    ``(w, b, γ_n)``, ``lin_affine`` is ``(γ_l, β_l)``. Returns ``dx``, the gradient of ``x_in`` (in ``x_out``'s
+    dtype), the same values in ``y_dtype`` as a tensor of their own (the gradient of ``y``, which the Linear
+    before takes; never an alias of ``dx``, see ``_ResidualSSF.backward``), and the fp32 gradients ``[5, C]``:
+    ``dγ_n``, ``dβ_n``, ``dγ_l``, ``dβ_l``, and ``-Σ d_out ⊙ x_out / next_scale``, the share of the next op's
+    ``γ_l`` gradient that this op's pass gives (zeros without ``next_scale``). They come from five column sums
+    over every row (``_residual_norm_backward_torch``), taken over ``dx`` as returned (rounded to ``x_out``'s
+    dtype). Without ``x_in`` (not read at all), ``dγ_l`` lacks ``-Σ dx ⊙ x_in / γ_l``: the op before, whose
+    output ``x_in`` is, gives it as its fifth row.
     """
     rows = x_out.numel() // max(x_out.shape[-1], 1)
     stream = (d_h, d_out, x_out) if x_in is None else (d_h, d_out, x_out, x_in)
+    channels = x_out.shape[-1:]
+    vectors = (*norm_affine, *lin_affine, *([] if next_scale is None else [next_scale]))
     if (
         not all(t.shape == x_out.shape for t in stream)
-        or weight.shape != x_out.shape[-1:]
+        or not all(v.shape == channels for v in vectors)
         or mean.numel() != rows
         or rstd.numel() != rows
     ):
         raise ValueError(
-            "residual_norm_backward_sums needs its stream tensors of one shape, a statistic per row and a weight "
-            f"of their last size, got {[tuple(t.shape) for t in (*stream, mean, rstd, weight)]}"
+            "residual_norm_backward needs its stream tensors of one shape, a statistic per row and per-channel "
+            f"vectors of their last size, got {[tuple(t.shape) for t in (*stream, mean, rstd, *vectors)]}"
         )
     kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if (
@@ -81,11 +88,19 @@ def residual_norm_backward_sums(
         d_h, d_out, x_out, *rest = [t.contiguous() for t in stream]
         statistics = [t.float().reshape(rows) for t in (mean, rstd)]
         x_in = rest[0] if rest else None
-        return _residual_norm_backward_op(d_h, d_out, x_out, x_in, *statistics, weight.float().contiguous(), y_dtype)
-    return _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y_dtype)
+        weight, bias, norm_scale, lin_scale, lin_shift = [v.float().contiguous() for v in vectors[:5]]
+        next_scale = next_scale.float().contiguous() if next_scale is not None else None
+        return _residual_norm_backward_op(
+            d_h, d_out, x_out, x_in, *statistics, weight, bias, norm_scale, lin_scale, lin_shift, next_scale, y_dtype
+        )
+    weight, bias, norm_scale = norm_affine
+    dx, dy, sums = _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight * norm_scale, y_dtype)
+    return dx, dy, _gradients_from_sums(sums, weight, bias, *lin_affine, next_scale)
 
 
 def _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y_dtype):
+    """``(dx, dy, sums)`` with the five column sums ``[5, C]``: ``Σ d_h ⊙ x̂``, ``Σ d_h``, ``Σ dx``, ``Σ dx ⊙ y``
+    (``Σ dx ⊙ x_out`` without ``x_in``) and ``Σ d_out ⊙ x_out``; ``weight`` is the norm's folded ``w ⊙ γ_n``."""
     accumulate = torch.promote_types(x_out.dtype, torch.float32)
     channels = x_out.shape[-1]
     x = x_out.reshape(-1, channels).to(accumulate)
@@ -103,6 +118,15 @@ def _residual_norm_backward_torch(d_h, d_out, x_out, x_in, mean, rstd, weight, y
     return dx, dx.to(y_dtype, copy=True), sums
 
 
+def _gradients_from_sums(sums, weight, bias, lin_scale, lin_shift, next_scale):
+    """The five gradients of ``residual_norm_backward`` from its five column sums (as the kernel forms them)."""
+    s = sums.unbind(0)
+    accumulate = sums.dtype
+    weight, bias, lin_scale, lin_shift = [v.to(accumulate) for v in (weight, bias, lin_scale, lin_shift)]
+    share_of_next = -s[4] / next_scale.to(accumulate) if next_scale is not None else torch.zeros_like(s[4])
+    return torch.stack([weight * s[0] + bias * s[1], s[1], (s[3] - lin_shift * s[2]) / lin_scale, s[2], share_of_next])
+
+
 _MAX_CHANNELS = 4096  # one row of channels is held in registers by the kernel
 
 if triton is not None:
@@ -116,22 +140,32 @@ if triton is not None:
         mean_ptr,
         rstd_ptr,
         weight_ptr,
+        bias_ptr,
+        norm_scale_ptr,
+        lin_scale_ptr,
+        lin_shift_ptr,
+        next_scale_ptr,
         dx_ptr,
         dy_ptr,
-        partial_ptr,
+        sums_ptr,
+        grads_ptr,
         rows,
         channels,
         rows_per_chunk,
+        chunks,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
         HAS_X_IN: tl.constexpr,
+        HAS_NEXT: tl.constexpr,
     ):
-        # One program per chunk of rows, BLOCK_R whole rows at a time: writes dx, dy (dx in y's dtype) and one
-        # [5, C] row of partial sums, in a fixed order. Without x_in, y stands for x_out (see the op).
+        # One program per chunk of rows, BLOCK_R whole rows at a time: writes dx and dy (dx in y's dtype) and adds
+        # its five column sums into sums_ptr [5, C] (zeroed, then a count of finished programs); the program that
+        # finishes last forms the gradients from the sums. Without x_in, y stands for x_out (see the op).
         chunk = tl.program_id(0)
         columns = tl.arange(0, BLOCK_C)
         column_ok = columns < channels
         weight = tl.load(weight_ptr + columns, mask=column_ok, other=0.0)
+        folded = weight * tl.load(norm_scale_ptr + columns, mask=column_ok, other=0.0)
         acc_dh_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
         acc_dh = tl.zeros((BLOCK_C,), dtype=tl.float32)
         acc_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -149,7 +183,7 @@ if triton is not None:
             x = tl.load(x_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
             x_hat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
             dh = tl.load(d_h_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-            g = dh * weight[None, :]
+            g = dh * folded[None, :]
             mean_g = tl.sum(g, 1) / channels
             mean_g_xhat = tl.sum(g * x_hat, 1) / channels
             d_out = tl.load(d_out_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
@@ -167,20 +201,37 @@ if triton is not None:
             acc_dx += tl.sum(dx, 0)
             acc_dx_y += tl.sum(dx * y, 0)
             acc_dout_x += tl.sum(d_out * x, 0)
-        out = partial_ptr + chunk * 5 * channels + columns
-        tl.store(out, acc_dh_xhat, mask=column_ok)
-        tl.store(out + channels, acc_dh, mask=column_ok)
-        tl.store(out + 2 * channels, acc_dx, mask=column_ok)
-        tl.store(out + 3 * channels, acc_dx_y, mask=column_ok)
-        tl.store(out + 4 * channels, acc_dout_x, mask=column_ok)
+        tl.atomic_add(sums_ptr + columns, acc_dh_xhat, mask=column_ok, sem="relaxed")
+        tl.atomic_add(sums_ptr + channels + columns, acc_dh, mask=column_ok, sem="relaxed")
+        tl.atomic_add(sums_ptr + 2 * channels + columns, acc_dx, mask=column_ok, sem="relaxed")
+        tl.atomic_add(sums_ptr + 3 * channels + columns, acc_dx_y, mask=column_ok, sem="relaxed")
+        tl.atomic_add(sums_ptr + 4 * channels + columns, acc_dout_x, mask=column_ok, sem="relaxed")
+        if finished_last(sums_ptr + 5 * channels, chunks):
+            s0 = tl.load(sums_ptr + columns, mask=column_ok, other=0.0, cache_modifier=".cg")
+            s1 = tl.load(sums_ptr + channels + columns, mask=column_ok, other=0.0, cache_modifier=".cg")
+            s2 = tl.load(sums_ptr + 2 * channels + columns, mask=column_ok, other=0.0, cache_modifier=".cg")
+            s3 = tl.load(sums_ptr + 3 * channels + columns, mask=column_ok, other=0.0, cache_modifier=".cg")
+            s4 = tl.load(sums_ptr + 4 * channels + columns, mask=column_ok, other=0.0, cache_modifier=".cg")
+            bias = tl.load(bias_ptr + columns, mask=column_ok, other=0.0)
+            lin_scale = tl.load(lin_scale_ptr + columns, mask=column_ok, other=1.0)
+            lin_shift = tl.load(lin_shift_ptr + columns, mask=column_ok, other=0.0)
+            out = grads_ptr + columns
+            tl.store(out, weight * s0 + bias * s1, mask=column_ok)
+            tl.store(out + channels, s1, mask=column_ok)
+            tl.store(out + 2 * channels, (s3 - lin_shift * s2) / lin_scale, mask=column_ok)
+            tl.store(out + 3 * channels, s2, mask=column_ok)
+            if HAS_NEXT:
+                next_scale = tl.load(next_scale_ptr + columns, mask=column_ok, other=1.0)
+                tl.store(out + 4 * channels, -s4 / next_scale, mask=column_ok)
+            else:
+                tl.store(out + 4 * channels, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=column_ok)
 
     # Best of 27 tiles timed on an H200 at ViT-B's shape, [64·197, 768] (residual_norm_kernel_sweep2_session7_h200.txt).
     _BLOCK_R, _WARPS, _STAGES = 4, 4, 1
     _PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
 
-    # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included)
-    # and fuses the small sum of the partials after it.
-    @torch.library.triton_op("ssf_tasks::residual_norm_backward_sums", mutates_args=())
+    # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included).
+    @torch.library.triton_op("ssf_tasks::residual_norm_backward", mutates_args=())
     def _residual_norm_backward_op(
         d_h: torch.Tensor,
         d_out: torch.Tensor,
@@ -189,22 +240,31 @@ if triton is not None:
         mean: torch.Tensor,
         rstd: torch.Tensor,
         weight: torch.Tensor,
+        bias: torch.Tensor,
+        norm_scale: torch.Tensor,
+        lin_scale: torch.Tensor,
+        lin_shift: torch.Tensor,
+        next_scale: torch.Tensor | None,
         y_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel on contiguous tensors of one shape and fp32 statistics (see ``residual_norm_backward_sums``)."""
+        """The kernel on contiguous tensors of one shape and fp32 statistics and vectors (see
+        ``residual_norm_backward``)."""
         channels = x_out.shape[-1]
         rows = x_out.numel() // channels
         chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, _PROGRAMS)
         dx = torch.empty_like(x_out)
         dy = torch.empty_like(x_out, dtype=y_dtype)
-        partial = torch.empty(chunks, 5, channels, device=x_out.device, dtype=torch.float32)
+        sums = torch.zeros(5 * channels + 1, device=x_out.device, dtype=torch.float32)  # then the finished count
+        grads = torch.empty(5, channels, device=x_out.device, dtype=torch.float32)
         x_in_or_out = x_out if x_in is None else x_in  # not read without x_in
+        next_or_lin = lin_scale if next_scale is None else next_scale  # not read without next_scale
         torch.library.wrap_triton(_residual_norm_backward_kernel)[(chunks,)](
-            d_h, d_out, x_out, x_in_or_out, mean, rstd, weight, dx, dy, partial, rows, channels, rows_per_chunk,
+            d_h, d_out, x_out, x_in_or_out, mean, rstd, weight, bias, norm_scale, lin_scale, lin_shift, next_or_lin,
+            dx, dy, sums, grads, rows, channels, rows_per_chunk, chunks,
             BLOCK_R=_BLOCK_R, BLOCK_C=triton.next_power_of_2(channels), HAS_X_IN=x_in is not None,
-            num_warps=_WARPS, num_stages=_STAGES,
+            HAS_NEXT=next_scale is not None, num_warps=_WARPS, num_stages=_STAGES,
         )  # fmt: skip
-        return dx, dy, partial.sum(0)
+        return dx, dy, grads
 
 
 # ---------------------------------------------------------------------------------------------- the two ops
@@ -244,27 +304,26 @@ class _ResidualNormSSF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_h):
         x_out, mean, rstd, lin_scale, lin_shift, weight, bias, norm_scale, x_in, next_scale = ctx.saved_tensors
-        w = weight.float() * norm_scale.float()
         x_in = x_in if ctx.read_x_in else None
-        dx, dy, sums = residual_norm_backward_sums(d_h, d_out, x_out, x_in, mean, rstd, w, ctx.y_dtype)
-        sum_dh_xhat, sum_dh, sum_dx, sum_dx_y, sum_dout_x = sums.unbind(0)
-        grad_norm_scale = weight.float() * sum_dh_xhat + bias.float() * sum_dh
-        grad_lin_scale = (sum_dx_y - lin_shift.float() * sum_dx) / lin_scale.float()
-        # The next op's Linear γ: minus Σ dx ⊙ x_in over its rows, where its dx is this op's d_out.
-        grad_next = -sum_dout_x / next_scale.float() if ctx.has_next else None
+        next_scale = next_scale if ctx.has_next else None
+        norm_affine, lin_affine = (weight, bias, norm_scale), (lin_scale, lin_shift)
+        dx, dy, grads = residual_norm_backward(
+            d_h, d_out, x_out, x_in, mean, rstd, norm_affine, lin_affine, next_scale, ctx.y_dtype
+        )
+        grad_norm_scale, grad_norm_shift, grad_lin_scale, grad_lin_shift, grad_next = grads.unbind(0)
         dtype = lin_scale.dtype
         return (
             dx.to(ctx.x_in_dtype),
             dy,
             grad_lin_scale.to(dtype),
-            sum_dx.to(dtype),
+            grad_lin_shift.to(dtype),
             None,
             None,
             grad_norm_scale.to(dtype),
-            sum_dh.to(dtype),
+            grad_norm_shift.to(dtype),
             None,
             None,
-            grad_next.to(dtype) if grad_next is not None else None,
+            grad_next.to(dtype) if ctx.has_next else None,
         )
 
 

@@ -16,31 +16,40 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_support import row_chunks, tl, triton
+from .kernel_support import finished_last, row_chunks, tl, triton
 
-__all__ = ["qkv_backward_sums"]
+__all__ = ["qkv_backward"]
 
 
-def qkv_backward_sums(
-    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, y: torch.Tensor
+def qkv_backward(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dy, sums)`` for timm's split of a ``qkv`` output ``y`` ``[B, N, 3·H·d]`` into q, k, v ``[B, H, N, d]``.
+    """``(dy, grads)`` for timm's split of a ``qkv`` output ``y`` ``[B, N, 3·H·d]`` into q, k, v ``[B, H, N, d]``,
+    where ``y`` came out of a Linear with the site's ``γ`` (``scale``) and ``β`` (``shift``, None for a
+    scale-only site) folded in.
 
     ``dq``, ``dk``, ``dv`` are the gradients of q, k and v (any strides). ``dy`` is them laid out as ``y`` is, in
-    ``y``'s dtype; ``sums`` is ``[2, 3·H·d]`` in fp32 (fp64 for fp64 input): ``Σ dy`` and ``Σ dy ⊙ y`` over every
-    sample and token, taken over ``dy`` as returned (rounded to its dtype), so they are the gradients of exactly
-    the ``dy`` that flows on.
+    ``y``'s dtype; ``grads`` is ``[2, 3·H·d]`` in fp32 (fp64 for fp64 input): ``dγ = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``
+    and ``dβ = Σ dy``, with the sums over every sample and token (``_qkv_backward_sums_torch``), taken over
+    ``dy`` as returned (rounded to its dtype), so they are the gradients of exactly the ``dy`` that flows on.
     """
     if y.ndim != 3 or dq.ndim != 4:
-        raise ValueError(f"qkv_backward_sums needs a [B, N, 3·H·d] output and [B, H, N, d] gradients, got {y.shape}")
+        raise ValueError(f"qkv_backward needs a [B, N, 3·H·d] output and [B, H, N, d] gradients, got {y.shape}")
     batch, tokens, width = y.shape
     heads, head_dim = dq.shape[1], dq.shape[3]
     expected = (batch, heads, tokens, head_dim)
     if any(tuple(g.shape) != expected for g in (dq, dk, dv)) or 3 * heads * head_dim != width:
         raise ValueError(
-            f"qkv_backward_sums needs q/k/v gradients of shape {expected} for a qkv output of {tuple(y.shape)}, got "
+            f"qkv_backward needs q/k/v gradients of shape {expected} for a qkv output of {tuple(y.shape)}, got "
             f"{[tuple(g.shape) for g in (dq, dk, dv)]}"
         )
+    if scale.shape != (width,) or (shift is not None and shift.shape != (width,)):
+        raise ValueError(f"qkv_backward needs γ and β of shape ({width},), got {tuple(scale.shape)}")
     kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if (
         triton is not None
@@ -49,16 +58,27 @@ def qkv_backward_sums(
         and y.numel() > 0
         and y.is_contiguous()
     ):
-        return _qkv_backward_sums_op(dq, dk, dv, y)
-    return _qkv_backward_sums_torch(dq, dk, dv, y)
+        shift = shift.float().contiguous() if shift is not None else None
+        return _qkv_backward_op(dq, dk, dv, y, scale.float().contiguous(), shift)
+    dy, sums = _qkv_backward_sums_torch(dq, dk, dv, y)
+    return dy, _gradients_from_sums(sums, scale, shift)
 
 
 def _qkv_backward_sums_torch(dq, dk, dv, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dy, [Σ dy, Σ dy ⊙ y])``."""
     # [3, B, H, N, d] -> [B, N, 3, H, d]: the inverse of timm's permute(2, 0, 3, 1, 4)
     dy = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(y.shape).to(y.dtype)
     accumulate = torch.promote_types(dy.dtype, torch.float32)
     rows = dy.reshape(-1, dy.shape[-1]).to(accumulate)
     return dy, torch.stack([rows.sum(0), (rows * y.reshape(rows.shape).to(accumulate)).sum(0)])
+
+
+def _gradients_from_sums(sums, scale, shift) -> torch.Tensor:
+    """``[dγ, dβ]`` from ``[Σ dy, Σ dy ⊙ y]`` (as the kernel forms them)."""
+    sum_dy, sum_dy_y = sums.unbind(0)
+    if shift is not None:
+        sum_dy_y = sum_dy_y - shift.to(sums.dtype) * sum_dy
+    return torch.stack([sum_dy_y / scale.to(sums.dtype), sum_dy])
 
 
 if triton is not None:
@@ -72,7 +92,7 @@ if triton is not None:
         g_within,
         y_ptr,
         dy_ptr,
-        partial_ptr,
+        sums_ptr,
         part,
         columns,
         column_ok,
@@ -84,8 +104,8 @@ if triton is not None:
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        # One of q/k/v (``part``): copies its gradient's columns into dy for rows [first, last) and stores the
-        # two partial sums of those rows.
+        # One of q/k/v (``part``): copies its gradient's columns into dy for rows [first, last) and adds the two
+        # sums of those rows into sums_ptr [2, 3·width].
         column_offsets = (columns // HEAD_DIM).to(tl.int64) * g_head + (columns % HEAD_DIM) * g_within
         acc_dy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         acc_dy_y = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -102,22 +122,26 @@ if triton is not None:
             dy = dy.to(tl.float32)
             acc_dy += dy
             acc_dy_y += dy * y
-        out = partial_ptr + part * width + columns
-        tl.store(out, tl.sum(acc_dy, 0), mask=column_ok)
-        tl.store(out + 3 * width, tl.sum(acc_dy_y, 0), mask=column_ok)
+        out = sums_ptr + part * width + columns
+        tl.atomic_add(out, tl.sum(acc_dy, 0), mask=column_ok, sem="relaxed")
+        tl.atomic_add(out + 3 * width, tl.sum(acc_dy_y, 0), mask=column_ok, sem="relaxed")
 
     @triton.jit
-    def _qkv_backward_sums_kernel(
+    def _qkv_backward_kernel(
         dq_ptr,
         dk_ptr,
         dv_ptr,
         y_ptr,
+        scale_ptr,
+        shift_ptr,
         dy_ptr,
-        partial_ptr,
+        sums_ptr,
+        grads_ptr,
         rows,
         tokens,
         width,
         rows_per_chunk,
+        chunks,
         q_sample,
         q_head,
         q_token,
@@ -133,27 +157,38 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
     ):
-        # One program per (block of a head-row's columns, chunk of rows) does q, then k, then v, and writes one
-        # [2, 3·width] row of partial sums, in a fixed order.
+        # One program per (block of a head-row's columns, chunk of rows) does q, then k, then v, adding its sums
+        # into sums_ptr [2, 3·width] (zeroed, then a count of finished programs per column block); the program
+        # that finishes a column block last forms its gradients.
         columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         column_ok = columns < width
         chunk = tl.program_id(1)
         first = chunk * rows_per_chunk
         last = tl.minimum(first + rows_per_chunk, rows)
-        partial = partial_ptr + chunk * 6 * width
         _qkv_part(
-            dq_ptr, q_sample, q_head, q_token, q_within, y_ptr, dy_ptr, partial, 0,
+            dq_ptr, q_sample, q_head, q_token, q_within, y_ptr, dy_ptr, sums_ptr, 0,
             columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
         )  # fmt: skip
         _qkv_part(
-            dk_ptr, k_sample, k_head, k_token, k_within, y_ptr, dy_ptr, partial, 1,
+            dk_ptr, k_sample, k_head, k_token, k_within, y_ptr, dy_ptr, sums_ptr, 1,
             columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
         )  # fmt: skip
         _qkv_part(
-            dv_ptr, v_sample, v_head, v_token, v_within, y_ptr, dy_ptr, partial, 2,
+            dv_ptr, v_sample, v_head, v_token, v_within, y_ptr, dy_ptr, sums_ptr, 2,
             columns, column_ok, first, last, tokens, width, HEAD_DIM, BLOCK_R, BLOCK_C,
         )  # fmt: skip
+        if finished_last(sums_ptr + 6 * width + tl.program_id(0), chunks):
+            for part in tl.static_range(3):
+                at = part * width + columns
+                sum_dy = tl.load(sums_ptr + at, mask=column_ok, other=0.0, cache_modifier=".cg")
+                sum_dy_y = tl.load(sums_ptr + 3 * width + at, mask=column_ok, other=0.0, cache_modifier=".cg")
+                if HAS_SHIFT:
+                    sum_dy_y -= tl.load(shift_ptr + at, mask=column_ok, other=0.0) * sum_dy
+                scale = tl.load(scale_ptr + at, mask=column_ok, other=1.0)
+                tl.store(grads_ptr + at, sum_dy_y / scale, mask=column_ok)
+                tl.store(grads_ptr + 3 * width + at, sum_dy, mask=column_ok)
 
     # Best of 48 tiles timed on an H200 at ViT-B's shape (qkv_kernel_sweep1_session8_h200.txt). Doing q, k and v in
     # one loop with per-row-block sums instead was slower at every one of 108 tiles (best 75.9 µs against 57.2 µs,
@@ -161,22 +196,29 @@ if triton is not None:
     _BLOCK_R, _BLOCK_C, _WARPS, _STAGES = 32, 128, 4, 1
     _PROGRAMS = 528  # four per streaming multiprocessor of an H100 (132)
 
-    # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included) and
-    # fuses the small sum of the partials after it.
-    @torch.library.triton_op("ssf_tasks::qkv_backward_sums", mutates_args=())
-    def _qkv_backward_sums_op(
-        dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, y: torch.Tensor
+    # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included).
+    @torch.library.triton_op("ssf_tasks::qkv_backward", mutates_args=())
+    def _qkv_backward_op(
+        dq: torch.Tensor,
+        dk: torch.Tensor,
+        dv: torch.Tensor,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel on a contiguous ``y`` and gradients of any strides (see ``qkv_backward_sums``)."""
+        """The kernel on a contiguous ``y``, gradients of any strides and fp32 ``γ``/``β`` (see ``qkv_backward``)."""
         batch, tokens, width3 = y.shape
         width, rows = width3 // 3, batch * tokens
         column_blocks = triton.cdiv(width, _BLOCK_C)
         chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, _PROGRAMS // column_blocks)
         dy = torch.empty_like(y)
-        partial = torch.empty(chunks, 2, width3, device=y.device, dtype=torch.float32)
-        torch.library.wrap_triton(_qkv_backward_sums_kernel)[(column_blocks, chunks)](
-            dq, dk, dv, y, dy, partial, rows, tokens, width, rows_per_chunk,
-            *dq.stride(), *dk.stride(), *dv.stride(),
-            HEAD_DIM=dq.shape[-1], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_WARPS, num_stages=_STAGES,
+        # the two sums, then a count of finished programs per column block
+        sums = torch.zeros(2 * width3 + column_blocks, device=y.device, dtype=torch.float32)
+        grads = torch.empty(2, width3, device=y.device, dtype=torch.float32)
+        torch.library.wrap_triton(_qkv_backward_kernel)[(column_blocks, chunks)](
+            dq, dk, dv, y, scale, scale if shift is None else shift, dy, sums, grads,
+            rows, tokens, width, rows_per_chunk, chunks, *dq.stride(), *dk.stride(), *dv.stride(),
+            HEAD_DIM=dq.shape[-1], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, HAS_SHIFT=shift is not None,
+            num_warps=_WARPS, num_stages=_STAGES,
         )  # fmt: skip
-        return dy, partial.sum(0)
+        return dy, grads

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["row_chunks", "tl", "triton"]
+__all__ = ["finished_last", "row_chunks", "tl", "triton"]
 
 try:
     import triton
@@ -18,6 +18,21 @@ except ImportError:
     triton = tl = None
 if not hasattr(torch.library, "triton_op"):
     triton = tl = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def finished_last(counter_ptr, programs):
+        """True in the one program that finishes last, of ``programs`` that each add their column sums into a zeroed
+        buffer with atomics and then call this; that program may read the totals (at L2: ``cache_modifier=".cg"``)
+        and form the gradients, so no kernel of its own adds partial sums up. ``counter_ptr``: an fp32 zero."""
+        tl.debug_barrier()  # every thread of this program has issued its atomic adds
+        finished = tl.atomic_add(counter_ptr, 1.0, sem="acq_rel")  # release: this program's adds come before
+        return finished == programs - 1
+
+else:
+    finished_last = None
 
 
 def row_chunks(rows: int, block_rows: int, programs: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .errors import BatchMismatchError, SSFTasksError
 from .fused_mlp import gelu_backward_sums
-from .fused_qkv import qkv_backward_sums
+from .fused_qkv import qkv_backward
 from .sites import SiteRule
 
 __all__ = ["SSFLayer", "TaskRouting", "FAST_PATH_AUTO", "patchify_linear"]
@@ -106,6 +106,12 @@ class SSFLayer(nn.Module):
     def task_rows(self, index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(γ, β)`` rows of task ``index`` (one row for an ``int``, one per sample for a tensor); β is None for a
         scale-only site."""
+        if isinstance(index, int) and index in (0, -1) and self.ssf_scale.shape[0] == 1:
+            # The table of one task, as training holds it (``isolate_tasks``): a view, whose backward is the
+            # gradient itself, where indexing's would copy it into a zeroed table (a kernel per parameter, once
+            # the fused path's kernels form the gradients themselves).
+            shift = self.ssf_shift.view(self.channels) if self.ssf_shift is not None else None
+            return self.ssf_scale.view(self.channels), shift
         return self.ssf_scale[index], self.ssf_shift[index] if self.ssf_shift is not None else None
 
     # ------------------------------------------------------------------------------------------- fast path
@@ -217,7 +223,7 @@ class _FrozenOpSSF(torch.autograd.Function):
     two sums (``fused_mlp.gelu_backward_sums``); ``y``, which GELU would keep anyway, is the saved tensor. With
     ``heads`` it returns timm's q, k, v split of ``y`` (``[B, N, 3·H·d]``), which attention keeps anyway, and its
     backward lays their gradients out as ``dy`` and takes the sums in the same pass
-    (``fused_qkv.qkv_backward_sums``).
+    (``fused_qkv.qkv_backward``).
     ``keep`` says which tensor is saved: ``"output"``, ``"input"``, or ``"nothing"`` (no γ/β gradients here:
     the caller computes them, see ``fused_block``).
     """
@@ -257,11 +263,11 @@ class _FrozenOpSSF(torch.autograd.Function):
             z_bias = bias.to(kept.dtype) if ctx.has_bias else None
             z = _run_op(ctx.op, ctx.conv_args, kept, weight.to(kept.dtype), z_bias)
             sum_dy, grad_scale = _grad_sums(ctx.op, dy, z)
+        elif ctx.heads is not None:  # autograd gives zeros for a q, k or v that was not used
+            dy, (grad_scale, sum_dy) = qkv_backward(*grads, kept, scale, shift if ctx.has_shift else None)
         else:
             if ctx.activation == "gelu":
                 dy, sum_dy, sum_dy_y = gelu_backward_sums(dy, kept)
-            elif ctx.heads is not None:  # autograd gives zeros for a q, k or v that was not used
-                dy, (sum_dy, sum_dy_y) = qkv_backward_sums(*grads, kept)
             else:
                 sum_dy, sum_dy_y = _grad_sums(ctx.op, dy, kept)
             if ctx.has_shift:

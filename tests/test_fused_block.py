@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from conftest import make_backbone, make_images, run_in_triton_interpreter
 from ssf_tasks import MultiTaskSSF, fused_block
-from ssf_tasks.fused_block import FusedBlockChain, residual_norm_backward_sums
+from ssf_tasks.fused_block import FusedBlockChain
 from ssf_tasks.ssf import _FrozenOpSSF
 
 KERNEL_CHECK = """
@@ -39,29 +39,44 @@ for block_r, warps, programs in tiles:
         d_h, d_out, x_in = torch.randn(*shape), torch.randn(*shape), 3 + torch.randn(*shape)
         x_out = x_in + torch.randn(*shape)
         _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.double(), [channels], None, None, 1e-6)
-        weight = 1 + 0.3 * torch.randn(channels)
-        wide = [t.double() for t in (d_h, d_out, x_out, x_in, mean, rstd, weight)]
-        expected = fused_block._residual_norm_backward_torch(*wide, torch.float64)
+        # w, b, γ_n; γ_l, β_l; the next op's γ_l
+        vectors = [1 + 0.3 * torch.randn(channels), torch.randn(channels), 1 + 0.3 * torch.randn(channels)]
+        vectors += [1 + 0.3 * torch.randn(channels), torch.randn(channels), 1 + 0.3 * torch.randn(channels)]
+        w, b, norm_scale, lin_scale, lin_shift, next_scale = [v.double() for v in vectors]
+        folded = w * norm_scale
+        wide = [t.double() for t in (d_h, d_out, x_out, x_in, mean, rstd)]
         stats = [t.float().flatten() for t in (mean, rstd)]
+
+        def expected(sums, has_next=True):
+            return fused_block._gradients_from_sums(sums, w, b, lin_scale, lin_shift, next_scale if has_next else None)
+
         # fp32 throughout: dy holds dx's values, in a tensor of its own
-        dx, dy, sums = fused_block._residual_norm_backward_op(d_h, d_out, x_out, x_in, *stats, weight, torch.float32)
+        want_dx, _, sums = fused_block._residual_norm_backward_torch(*wide, folded, torch.float64)
+        dx, dy, grads = fused_block._residual_norm_backward_op(
+            d_h, d_out, x_out, x_in, *stats, *vectors, torch.float32
+        )
         errors[f"{block_r}/{shape}/fp32 dy copy"] = float((dy - dx).abs().max()) + (dy.data_ptr() == dx.data_ptr())
-        for name, a, b in (("dx", dx, expected[0]), ("sums", sums, expected[2])):
-            errors[f"{block_r}/{shape}/fp32 {name}"] = relative(a, b)
-        # without x_in (never read): the fourth sum is Σ dx ⊙ x_out
-        expected = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:], torch.float64)
-        _, _, sums = fused_block._residual_norm_backward_op(d_h, d_out, x_out, None, *stats, weight, torch.float32)
-        errors[f"{block_r}/{shape}/fp32 without x_in sums"] = relative(sums, expected[2])
+        for name, a, b_ in (("dx", dx, want_dx), ("grads", grads, expected(sums))):
+            errors[f"{block_r}/{shape}/fp32 {name}"] = relative(a, b_)
+        # without x_in (never read): the fourth sum is Σ dx ⊙ x_out; without the next op, the fifth row is zeros
+        _, _, sums = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:], folded, torch.float64)
+        _, _, grads = fused_block._residual_norm_backward_op(
+            d_h, d_out, x_out, None, *stats, *vectors[:5], None, torch.float32
+        )
+        errors[f"{block_r}/{shape}/fp32 without x_in grads"] = relative(grads[:4], expected(sums)[:4])
+        errors[f"{block_r}/{shape}/fp32 without next zeros"] = float(grads[4].abs().max())
         # as under bf16 autocast: the norm's output gradient in bf16, the stream in fp32, dy in bf16
         d_h16 = d_h.bfloat16()
-        expected = fused_block._residual_norm_backward_torch(d_h16.double(), *wide[1:], torch.float64)
-        dx, dy, sums = fused_block._residual_norm_backward_op(d_h16, d_out, x_out, x_in, *stats, weight, torch.bfloat16)
+        want_dx, _, sums = fused_block._residual_norm_backward_torch(d_h16.double(), *wide[1:], folded, torch.float64)
+        dx, dy, grads = fused_block._residual_norm_backward_op(
+            d_h16, d_out, x_out, x_in, *stats, *vectors, torch.bfloat16
+        )
         errors[f"{block_r}/{shape}/mixed dy dtype"] = float(dy.dtype == torch.bfloat16)
         # dy is dx rounded to bf16: within one bf16 step of dx (the interpreter rounds towards zero)
         steps = (dy.float() - dx).abs() / (dx.abs() * 2**-7).clamp_min(1e-30)
         errors[f"{block_r}/{shape}/mixed dy is dx rounded"] = float(steps.max())
-        for name, a, b in (("dx", dx, expected[0]), ("sums", sums, expected[2])):
-            errors[f"{block_r}/{shape}/mixed {name}"] = relative(a, b)
+        for name, a, b_ in (("dx", dx, want_dx), ("grads", grads, expected(sums))):
+            errors[f"{block_r}/{shape}/mixed {name}"] = relative(a, b_)
 print(json.dumps(errors))
 """
 
@@ -69,11 +84,11 @@ print(json.dumps(errors))
 def test_kernel_matches_the_torch_version_in_the_interpreter():
     pytest.importorskip("triton")
     errors = run_in_triton_interpreter(KERNEL_CHECK)
-    assert len(errors) == 3 * 4 * 8
-    assert all(v == 0 for k, v in errors.items() if k.endswith("dy copy")), errors
+    assert len(errors) == 3 * 4 * 9
+    assert all(v == 0 for k, v in errors.items() if k.endswith(("dy copy", "zeros"))), errors
     assert all(v == 1 for k, v in errors.items() if k.endswith("dy dtype")), errors
     assert all(v <= 1 for k, v in errors.items() if k.endswith("is dx rounded")), errors
-    numeric = {k: v for k, v in errors.items() if k.endswith((" dx", " sums"))}
+    numeric = {k: v for k, v in errors.items() if k.endswith((" dx", " grads"))}
     assert len(numeric) == 3 * 4 * 5
     assert all(v < 1e-5 for v in numeric.values()), numeric  # fp32 against fp64, on the same bf16 inputs
 
@@ -91,7 +106,7 @@ def test_torch_version_is_the_residual_add_and_layer_norm_backward_with_its_sums
     torch.autograd.backward([h, x_out], [d_h, d_out])
     _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.detach(), [12], None, None, 1e-5)
     kept = (x_out.detach(), x_in.detach(), mean, rstd, weight.detach())
-    dx, dy, sums = residual_norm_backward_sums(d_h, d_out, *kept, y.dtype)
+    dx, dy, sums = fused_block._residual_norm_backward_torch(d_h, d_out, *kept, y.dtype)
     assert_close(dx, x_in.grad)
     assert dy.data_ptr() != dx.data_ptr()  # never an alias: see _ResidualSSF.backward
     assert_close(y.grad, dy)
@@ -101,13 +116,54 @@ def test_torch_version_is_the_residual_add_and_layer_norm_backward_with_its_sums
     assert_close(sums[3], (y.grad * y.detach()).sum((0, 1)))
     assert_close(sums[4], (d_out * x_out.detach()).sum((0, 1)))
     # Without x_in the fourth sum is Σ dx ⊙ x_out; the op before gives the Σ dx ⊙ x_in that it lacks.
-    _, _, partial = residual_norm_backward_sums(d_h, d_out, x_out.detach(), None, mean, rstd, weight.detach(), y.dtype)
+    _, _, partial = fused_block._residual_norm_backward_torch(d_h, d_out, x_out.detach(), None, *kept[2:], y.dtype)
     assert_close(partial[[0, 1, 2, 4]], sums[[0, 1, 2, 4]])
     assert_close(partial[3] - (y.grad * x_in.detach()).sum((0, 1)), sums[3])
+
+
+def test_backward_gives_the_gradients_of_both_sites():
+    """``residual_norm_backward``'s five rows against autograd through the Linear site's SSF (``z ⊙ γ_l + β_l``),
+    the residual add and the LayerNorm site's folded affine."""
+    torch.manual_seed(0)
+    shape, channels = (2, 9, 12), 12
+
+    def vector(centre):
+        return (centre + 0.3 * torch.randn(channels, dtype=torch.float64)).requires_grad_(True)
+
+    x_in = torch.randn(shape, dtype=torch.float64)
+    z = torch.randn(shape, dtype=torch.float64)  # the Linear's output before its SSF
+    weight, bias, norm_scale, norm_shift, lin_scale, lin_shift = [vector(c) for c in (1, 0, 1, 0, 1, 0)]
+    next_scale = vector(1).detach()
+    y = z * lin_scale + lin_shift
+    x_out = x_in + y
+    h = F.layer_norm(x_out, (channels,), weight * norm_scale, bias * norm_scale + norm_shift, 1e-5)
+    d_h, d_out = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    torch.autograd.backward([h, x_out], [d_h, d_out])
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.detach(), [channels], None, None, 1e-5)
+    norm_affine = tuple(v.detach() for v in (weight, bias, norm_scale))
+    lin_affine = (lin_scale.detach(), lin_shift.detach())
+    stream = (d_h, d_out, x_out.detach())
+    dx, dy, grads = fused_block.residual_norm_backward(
+        *stream, x_in, mean, rstd, norm_affine, lin_affine, next_scale, torch.float64
+    )
+    assert_close(grads[0], norm_scale.grad)
+    assert_close(grads[1], norm_shift.grad)
+    assert_close(grads[2], lin_scale.grad)
+    assert_close(grads[3], lin_shift.grad)
+    assert_close(grads[4], -(d_out * x_out.detach()).sum((0, 1)) / next_scale)  # the next op's share
+    # Without x_in, dγ_l lacks -Σ dx ⊙ x_in / γ_l (the op before gives it); without the next op, no share.
+    _, _, alone = fused_block.residual_norm_backward(*stream, None, mean, rstd, norm_affine, lin_affine, None, y.dtype)
+    assert_close(alone[[0, 1, 3]], grads[[0, 1, 3]])
+    assert_close(alone[2] - (dy * x_in).sum((0, 1)) / lin_scale.detach(), grads[2])
+    assert torch.equal(alone[4], torch.zeros(channels, dtype=torch.float64))
     with pytest.raises(ValueError, match="stream tensors of one shape"):
-        residual_norm_backward_sums(d_h, d_out[:1], *kept, y.dtype)
+        fused_block.residual_norm_backward(
+            d_h, d_out[:1], x_out.detach(), x_in, mean, rstd, norm_affine, lin_affine, None, y.dtype
+        )
     with pytest.raises(ValueError, match="statistic per row"):
-        residual_norm_backward_sums(d_h, d_out, x_out, x_in, mean[:1], rstd, weight, y.dtype)
+        fused_block.residual_norm_backward(*stream, x_in, mean[:1], rstd, norm_affine, lin_affine, None, y.dtype)
+    with pytest.raises(ValueError, match="per-channel vectors"):
+        fused_block.residual_norm_backward(*stream, x_in, mean, rstd, norm_affine, lin_affine, next_scale[:3], y.dtype)
 
 
 def test_vit_blocks_take_the_chain_class_and_the_fold_gives_timm_back():
@@ -127,19 +183,19 @@ def test_blocks_with_layer_scale_or_stochastic_depth_keep_timm_class(option):
 
 def _count_calls(monkeypatch):
     calls = {"norm": 0, "kept": [], "reads_x_in": []}
-    original_sums = fused_block.residual_norm_backward_sums
+    original_backward = fused_block.residual_norm_backward
     original_apply = _FrozenOpSSF.apply
 
-    def sums(*args):
+    def backward(*args):
         calls["norm"] += 1
         calls["reads_x_in"].append(args[3] is not None)
-        return original_sums(*args)
+        return original_backward(*args)
 
     def apply(*args):
         calls["kept"].append(args[6])  # what the Linear/Conv op saves for backward
         return original_apply(*args)
 
-    monkeypatch.setattr(fused_block, "residual_norm_backward_sums", sums)
+    monkeypatch.setattr(fused_block, "residual_norm_backward", backward)
     monkeypatch.setattr(_FrozenOpSSF, "apply", apply)
     return calls
 

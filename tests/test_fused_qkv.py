@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from conftest import make_backbone, make_images, run_in_triton_interpreter
 from ssf_tasks import MultiTaskSSF
-from ssf_tasks.fused_qkv import qkv_backward_sums
+from ssf_tasks.fused_qkv import qkv_backward
 from ssf_tasks.mixed_attention import MixedTaskAttention
 
 KERNEL_CHECK = """
@@ -20,9 +20,9 @@ torch.manual_seed(0)
 errors = {}
 
 
-def relative(sums, expected):
-    # per row (Σ dy, Σ dy ⊙ y): the largest error against that row's largest value
-    return float(((sums.double() - expected).abs().amax(-1) / expected.abs().amax(-1)).max())
+def relative(grads, expected):
+    # per row (dγ, dβ): the largest error against that row's largest value
+    return float(((grads.double() - expected).abs().amax(-1) / expected.abs().amax(-1)).max())
 
 
 default = (fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._PROGRAMS)
@@ -39,16 +39,21 @@ for block_r, block_c, programs in tiles:
         dq = torch.randn(batch, heads, tokens, head_dim)
         dk = torch.randn(batch, tokens, heads, head_dim).transpose(1, 2)
         dv = torch.randn(batch, heads, head_dim, tokens).transpose(2, 3)
-        expected = fused_qkv._qkv_backward_sums_torch(dq.double(), dk.double(), dv.double(), y.double())
-        dy, sums = fused_qkv._qkv_backward_sums_op(dq, dk, dv, y)
-        errors[f"{name}/fp32 dy"] = float((dy.double() - expected[0]).abs().max())  # a copy: exact
-        errors[f"{name}/fp32 sums"] = relative(sums, expected[1])
+        scale, shift = 1 + 0.3 * torch.randn(y.shape[-1]), torch.randn(y.shape[-1])
+        wide = [t.double() for t in (scale, shift)]
+        dy_expected, sums = fused_qkv._qkv_backward_sums_torch(dq.double(), dk.double(), dv.double(), y.double())
+        dy, grads = fused_qkv._qkv_backward_op(dq, dk, dv, y, scale, shift)
+        errors[f"{name}/fp32 dy"] = float((dy.double() - dy_expected).abs().max())  # a copy: exact
+        errors[f"{name}/fp32 grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, *wide))
+        # scale only (no β): dγ = Σ dy ⊙ y / γ
+        _, grads = fused_qkv._qkv_backward_op(dq, dk, dv, y, scale, None)
+        errors[f"{name}/fp32 scale-only grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, wide[0], None))
         # bf16 gradients (as SDPA gives them under autocast): dy is exact, the sums are those of the bf16 dy
-        grads = [g.bfloat16() for g in (dq, dk, dv)]
-        expected = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in grads], y.bfloat16().double())
-        dy, sums = fused_qkv._qkv_backward_sums_op(*grads, y.bfloat16())
-        errors[f"{name}/bf16 dy"] = float((dy.double() - expected[0]).abs().max()) + (dy.dtype != torch.bfloat16)
-        errors[f"{name}/bf16 sums"] = relative(sums, expected[1])
+        low = [g.bfloat16() for g in (dq, dk, dv)]
+        dy_expected, sums = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in low], y.bfloat16().double())
+        dy, grads = fused_qkv._qkv_backward_op(*low, y.bfloat16(), scale, shift)
+        errors[f"{name}/bf16 dy"] = float((dy.double() - dy_expected).abs().max()) + (dy.dtype != torch.bfloat16)
+        errors[f"{name}/bf16 grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, *wide))
 print(json.dumps(errors))
 """
 
@@ -56,33 +61,44 @@ print(json.dumps(errors))
 def test_kernel_matches_the_torch_version_in_the_interpreter():
     pytest.importorskip("triton")
     errors = run_in_triton_interpreter(KERNEL_CHECK)
-    assert len(errors) == 3 * 3 * 4
+    assert len(errors) == 3 * 3 * 5
     copies = {k: v for k, v in errors.items() if k.endswith(" dy")}
     assert all(v == 0 for v in copies.values()), copies
-    sums = {k: v for k, v in errors.items() if k.endswith(" sums")}
-    assert all(v < 1e-5 for v in sums.values()), sums  # fp32 accumulation against fp64, on the same inputs
+    grads = {k: v for k, v in errors.items() if k.endswith(" grads")}
+    assert len(grads) == 3 * 3 * 3
+    assert all(v < 1e-5 for v in grads.values()), grads  # fp32 accumulation against fp64, on the same inputs
 
 
 def test_torch_version_lays_out_dq_dk_dv_as_timm_splits_qkv():
-    """Autograd through timm's own split (reshape, permute, unbind) gives the layout the kernel must write."""
+    """Autograd through timm's own split (reshape, permute, unbind) of ``z ⊙ γ + β`` gives the layout the kernel must
+    write and the site's gradients."""
     batch, tokens, heads, head_dim = 2, 5, 3, 4
-    y = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=torch.float64, requires_grad=True)
+    width = 3 * heads * head_dim
+    z = torch.randn(batch, tokens, width, dtype=torch.float64)
+    scale = (1 + 0.3 * torch.randn(width, dtype=torch.float64)).requires_grad_(True)
+    shift = torch.randn(width, dtype=torch.float64, requires_grad=True)
+    y = (z * scale + shift).detach().requires_grad_(True)
     q, k, v = y.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     grads = [torch.randn_like(q) for _ in range(3)]
     torch.autograd.backward([q, k, v], grads)
-    dy, sums = qkv_backward_sums(*grads, y.detach())
+    (z * scale + shift).backward(y.grad)
+    dy, site_grads = qkv_backward(*grads, y.detach(), scale.detach(), shift.detach())
     assert_close(dy, y.grad)
-    assert_close(sums[0], y.grad.sum((0, 1)))
-    assert_close(sums[1], (y.grad * y.detach()).sum((0, 1)))
+    assert_close(site_grads[0], scale.grad)
+    assert_close(site_grads[1], shift.grad)
+    _, scale_only = qkv_backward(*grads, y.detach(), scale.detach(), None)
+    assert_close(scale_only[0], (y.grad * y.detach()).sum((0, 1)) / scale.detach())
     with pytest.raises(ValueError, match="q/k/v gradients of shape"):
-        qkv_backward_sums(grads[0], grads[1], grads[2][:, :2], y.detach())
+        qkv_backward(grads[0], grads[1], grads[2][:, :2], y.detach(), scale, shift)
+    with pytest.raises(ValueError, match="γ and β of shape"):
+        qkv_backward(*grads, y.detach(), scale[:3], shift)
 
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_qkv_runs_as_one_op_on_the_fast_path_only(fast, monkeypatch):
     """Each attention's qkv takes the one op on the fused path (inside ViT's block chain), never on the eager path."""
     calls = []
-    monkeypatch.setattr("ssf_tasks.ssf.qkv_backward_sums", lambda *a: calls.append(1) or qkv_backward_sums(*a))
+    monkeypatch.setattr("ssf_tasks.ssf.qkv_backward", lambda *a: calls.append(1) or qkv_backward(*a))
     model = MultiTaskSSF(make_backbone("vit"))
     model.add_task("a", 4)
     model.set_fast_path(fast)
@@ -99,7 +115,7 @@ def test_one_op_qkv_matches_timm_split_outside_the_chain(monkeypatch):
 
     results = {}
     calls = []
-    monkeypatch.setattr("ssf_tasks.ssf.qkv_backward_sums", lambda *a: calls.append(1) or qkv_backward_sums(*a))
+    monkeypatch.setattr("ssf_tasks.ssf.qkv_backward", lambda *a: calls.append(1) or qkv_backward(*a))
     for label, fast, one_op in (("eager", False, True), ("one op", True, True), ("split", True, False)):
         torch.manual_seed(0)
         model = MultiTaskSSF(make_backbone("vit"), sigma=0.2)  # γ/β drawn away from 1 and 0

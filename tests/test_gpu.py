@@ -292,20 +292,32 @@ def test_residual_norm_backward_kernel_matches_fp64(stream_dtype):
         d_out = torch.randn(shape, device="cuda").to(stream_dtype)
         x_in = (3 + torch.randn(shape, device="cuda")).to(stream_dtype)
         x_out = (x_in.float() + torch.randn(shape, device="cuda").bfloat16().float()).to(stream_dtype)
-        weight = 1 + 0.3 * torch.randn(shape[-1], device="cuda")
+        vectors = [c + 0.3 * torch.randn(shape[-1], device="cuda") for c in (1, 0, 1, 1, 0, 1)]
+        norm_affine, lin_affine, next_scale = vectors[:3], vectors[3:5], vectors[5]
         _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.float(), [shape[-1]], None, None, 1e-6)
-        kept = (x_out, x_in, mean, rstd, weight)
-        dx, dy, sums = fused_block.residual_norm_backward_sums(d_h, d_out, *kept, torch.bfloat16)
+        kept = (x_out, x_in, mean, rstd)
+        dx, dy, grads = fused_block.residual_norm_backward(
+            d_h, d_out, *kept, norm_affine, lin_affine, next_scale, torch.bfloat16
+        )
         wide = [t.double() for t in (d_h, d_out, *kept)]
-        expected = fused_block._residual_norm_backward_torch(*wide, torch.float64)
+        w, b, norm_scale, lin_scale, lin_shift, next_wide = [v.double() for v in vectors]
+        want_dx, _, sums = fused_block._residual_norm_backward_torch(*wide, w * norm_scale, torch.float64)
+        expected = fused_block._gradients_from_sums(sums, w, b, lin_scale, lin_shift, next_wide)
         assert dy.dtype == torch.bfloat16 and dx.dtype == stream_dtype
         tolerance = 1e-5 if stream_dtype == torch.float32 else 1e-2  # bf16: the rounding of dx itself
-        for got, want in ((dx, expected[0]), (dy, expected[0]), (sums, expected[2])):
+        for got, want in ((dx, want_dx), (dy, want_dx), *zip(grads, expected, strict=True)):
             assert (got.double() - want).abs().max() <= max(tolerance, 1e-2 * (got is dy)) * want.abs().max()
-        # without x_in (never read), as every op of the chain but the first runs it
-        _, _, sums = fused_block.residual_norm_backward_sums(d_h, d_out, x_out, None, *kept[2:], torch.bfloat16)
-        expected = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:], torch.float64)
-        assert (sums.double() - expected[2]).abs().max() <= tolerance * expected[2].abs().max()
+        # without x_in (never read), as every op of the chain but the first runs it; and without a next op
+        _, _, grads = fused_block.residual_norm_backward(
+            d_h, d_out, x_out, None, *kept[2:], norm_affine, lin_affine, None, torch.bfloat16
+        )
+        _, _, sums = fused_block._residual_norm_backward_torch(
+            *wide[:3], None, *wide[4:], w * norm_scale, torch.float64
+        )
+        expected = fused_block._gradients_from_sums(sums, w, b, lin_scale, lin_shift, None)
+        for got, want in zip(grads[:4], expected[:4], strict=True):
+            assert (got.double() - want).abs().max() <= tolerance * want.abs().max()
+        assert not grads[4].any()
 
 
 def test_qkv_backward_kernel_matches_fp64_on_sdpa_gradients():
@@ -320,7 +332,11 @@ def test_qkv_backward_kernel_matches_fp64_on_sdpa_gradients():
         q, k, v = y.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-        dy, sums = fused_qkv.qkv_backward_sums(*grads, y.detach())
-        expected = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in grads], y.detach().double())
-        assert dy.dtype == torch.bfloat16 and torch.equal(dy.double(), expected[0])  # a copy: exact
-        assert (sums.double() - expected[1]).abs().max() <= 1e-4 * expected[1].abs().max()
+        scale = 1 + 0.3 * torch.randn(y.shape[-1], device="cuda")
+        shift = torch.randn(y.shape[-1], device="cuda")
+        dy, site_grads = fused_qkv.qkv_backward(*grads, y.detach(), scale, shift)
+        dy_expected, sums = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in grads], y.detach().double())
+        expected = fused_qkv._gradients_from_sums(sums, scale.double(), shift.double())
+        assert dy.dtype == torch.bfloat16 and torch.equal(dy.double(), dy_expected)  # a copy: exact
+        for got, want in zip(site_grads.double(), expected, strict=True):  # dγ, dβ: each against its own scale
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()
