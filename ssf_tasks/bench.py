@@ -205,7 +205,9 @@ def bench_inference(
             torch._dynamo.reset()
 
             if batch <= 8:
-                rows_of_graphs = _graphed_latency(plain, model, images, tasks, plain_reference, reference, repeats)
+                rows_of_graphs = _graphed_latency(
+                    plain, model, images, tasks, plain_reference, reference, repeats, stem_gemm=stem_gemm
+                )
                 for variant, (ms, error) in rows_of_graphs.items():
                     report(variant, ms, "default + GraphedForward", rel_err=error)
 
@@ -230,16 +232,26 @@ def bench_inference(
     return rows
 
 
-def _graphed_latency(plain, model, images, tasks, plain_reference, reference, repeats, rounds=10) -> dict:
+def _graphed_latency(
+    plain, model, images, tasks, plain_reference, reference, repeats, rounds=10, stem_gemm=True
+) -> dict:
     """Plain and ssf-tasks forwards (compiled, default mode) each captured whole in a CUDA graph.
 
-    The two graphs are replayed in alternation, ``rounds`` times ``repeats`` calls each, and each time is
-    the median of all its calls: a slow spell of the machine lands on both.
+    The graphs are replayed in alternation, ``rounds`` times ``repeats`` calls each, and each time is the
+    median of all its calls: a slow spell of the machine lands on all. ``stem_gemm`` adds the plain backbone
+    with its patch embedding as one GEMM (``with_patches_gemm``).
     """
     variants = {
         "plain backbone, compiled + CUDA graph": (plain, (images,), plain_reference),
         "ssf-tasks mixed, compiled + CUDA graph": (model, (images, tasks), reference),
     }
+    if stem_gemm:
+        plain_gemm = with_patches_gemm(copy.deepcopy(plain))
+        variants["plain backbone (patch embedding as one GEMM), compiled + CUDA graph"] = (
+            plain_gemm,
+            (images,),
+            plain_reference,
+        )
     graphs, errors = {}, {}
     for name, (module, inputs, expected) in variants.items():
         torch._dynamo.reset()
