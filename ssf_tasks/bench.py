@@ -33,9 +33,17 @@ from .fused_mlp import FusedGeluMlp
 from .graphed import GraphedForward
 from .mixed_attention import MixedTaskAttention
 from .model import MultiTaskSSF
-from .ssf import patchify_linear
+from .ssf import _is_patchify, patchify_linear
 
-__all__ = ["bench_inference", "bench_training", "bench_fold", "main", "ssf_training_variant"]
+__all__ = [
+    "bench_fold",
+    "bench_inference",
+    "bench_training",
+    "has_patchify_stem",
+    "main",
+    "ssf_training_variant",
+    "with_patches_gemm",
+]
 
 Row = dict[str, Any]
 
@@ -106,13 +114,18 @@ class _PatchesGemmConv(nn.Conv2d):
         return patchify_linear(x, self.weight, self.bias)
 
 
+def has_patchify_stem(model: nn.Module) -> bool:
+    """The model embeds patches with a conv that ssf-tasks runs as one GEMM on CUDA (ViT, DeiT, ...)."""
+    conv = getattr(getattr(model, "patch_embed", None), "proj", None)
+    return type(conv) is nn.Conv2d and _is_patchify(conv)
+
+
 def with_patches_gemm(model: nn.Module) -> nn.Module:
     """``model`` with its ViT patch embedding run as one GEMM, as ssf-tasks runs it on CUDA: the baselines'
     rows "(patch embedding as one GEMM)" show how much of a ratio that alone moves (cuDNN is slow at it)."""
-    conv = model.patch_embed.proj
-    if type(conv) is not nn.Conv2d or conv.kernel_size != conv.stride or conv.padding not in (0, (0, 0)):
-        raise ValueError(f"not a patchify conv: {conv}")
-    conv.__class__ = _PatchesGemmConv
+    if not has_patchify_stem(model):
+        raise ValueError(f"no patchify conv at patch_embed.proj: {getattr(model, 'patch_embed', None)}")
+    model.patch_embed.proj.__class__ = _PatchesGemmConv
     return model
 
 
@@ -174,7 +187,7 @@ def bench_inference(
                 _timed(lambda: compiled_plain(images), warmup=warmup, repeats=repeats),
                 rel_err=error,
             )
-            if stem_gemm:
+            if stem_gemm and has_patchify_stem(plain):
                 torch._dynamo.reset()
                 plain_gemm = _compile(with_patches_gemm(copy.deepcopy(plain)), mode)
                 report(
@@ -245,7 +258,7 @@ def _graphed_latency(
         "plain backbone, compiled + CUDA graph": (plain, (images,), plain_reference),
         "ssf-tasks mixed, compiled + CUDA graph": (model, (images, tasks), reference),
     }
-    if stem_gemm:
+    if stem_gemm and has_patchify_stem(plain):
         plain_gemm = with_patches_gemm(copy.deepcopy(plain))
         variants["plain backbone (patch embedding as one GEMM), compiled + CUDA graph"] = (
             plain_gemm,
@@ -345,7 +358,7 @@ def bench_training(
         # block, as SSF's must, but computes no weight gradients and no SSF at all. No SSF step can be cheaper.
         # Its patch embedding runs as the SSF model's does (one GEMM).
         model = timm.create_model(model_name, num_classes=classes).cuda().train().requires_grad_(False)
-        model = with_patches_gemm(model)
+        model = with_patches_gemm(model) if has_patchify_stem(model) else model
         params = [model.pos_embed, *model.get_classifier().parameters()]
         for param in params:
             param.requires_grad_(True)
@@ -366,7 +379,7 @@ def bench_training(
 
     variants: list[tuple[str, Callable]] = [
         ("full fine-tuning", full_ft),
-        (_FULL_PATCHES_GEMM, full_ft_patches_gemm),
+        *([(_FULL_PATCHES_GEMM, full_ft_patches_gemm)] if has_patchify_stem(timm.create_model(model_name)) else []),
         ("linear probe", linear_probe),
         ("frozen-backbone floor (backward through every block, no weight gradients, no SSF)", frozen_floor),
     ]

@@ -61,7 +61,8 @@ def residual_norm_backward(
     ``γ_l`` gradient that this op's pass gives (zeros without ``next_scale``). They come from five column sums
     over every row (``_residual_norm_backward_torch``), taken over ``dx`` as returned (rounded to ``x_out``'s
     dtype). Without ``x_in`` (not read at all), ``dγ_l`` lacks ``-Σ dx ⊙ x_in / γ_l``: the op before, whose
-    output ``x_in`` is, gives it as its fifth row.
+    output ``x_in`` is, gives it as its fifth row. On CUDA the sums are added with atomics, so their order, and
+    the gradients' last bits, vary from run to run (see ``kernel_support.finished_last``).
     """
     rows = x_out.numel() // max(x_out.shape[-1], 1)
     stream = (d_h, d_out, x_out) if x_in is None else (d_h, d_out, x_out, x_in)

@@ -34,7 +34,9 @@ if triton is not None:
     def finished_last(counter_ptr, programs):
         """True in the one program that finishes last, of ``programs`` that each add their column sums into a zeroed
         buffer with atomics and then call this; that program may read the totals (at L2: ``cache_modifier=".cg"``)
-        and form the gradients, so no kernel of its own adds partial sums up. ``counter_ptr``: an fp32 zero."""
+        and form the gradients, so no kernel of its own adds partial sums up. ``counter_ptr``: an fp32 zero. The
+        order of the atomic adds varies from run to run, as in cuDNN's attention backward: so do the sums' last
+        bits."""
         tl.debug_barrier()  # every thread of this program has issued its atomic adds
         finished = tl.atomic_add(counter_ptr, 1.0, sem="acq_rel")  # release: this program's adds come before
         return finished == programs - 1

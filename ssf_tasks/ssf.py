@@ -307,8 +307,10 @@ def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     conv drops them); the result is ``[B, O, H', W']`` with channels-last strides, so the
     ``flatten(2).transpose(1, 2)`` of a ViT is a view.
     """
-    batch, channels, height, width = x.shape
     kh, kw = weight.shape[-2:]
+    if x.ndim != 4 or x.shape[-2] < kh or x.shape[-1] < kw:  # unbatched, or smaller than one patch: as the conv does
+        return F.conv2d(x, weight, bias, stride=(kh, kw))
+    batch, channels, height, width = x.shape
     rows, columns = height // kh, width // kw
     x = x[:, :, : rows * kh, : columns * kw]
     patches = x.reshape(batch, channels, rows, kh, columns, kw).permute(0, 2, 4, 1, 3, 5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ssf_tasks.bench import _ssf_training_error, ssf_training_variant, with_patches_gemm
+from ssf_tasks.bench import _ssf_training_error, has_patchify_stem, ssf_training_variant, with_patches_gemm
 from ssf_tasks.ssf import SSFLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # the bench's autocast is CUDA's
@@ -90,6 +90,9 @@ def test_patches_gemm_baseline_is_the_same_network():
         torch.testing.assert_close(gemm(images), expected, rtol=1e-5, atol=1e-5)
     assert gemm.state_dict().keys() == model.state_dict().keys()
     assert type(gemm.patch_embed.proj) is not torch.nn.Conv2d  # it runs patchify_linear
+    # overlapping patches, and models without a patch embedding (their bench rows are left out)
     model.patch_embed.proj = torch.nn.Conv2d(3, 8, 16, stride=8)
-    with pytest.raises(ValueError, match="not a patchify conv"):
-        with_patches_gemm(model)
+    for other in (model, timm.create_model("test_resnet"), timm.create_model("test_convnext")):
+        assert not has_patchify_stem(other)
+        with pytest.raises(ValueError, match="no patchify conv"):
+            with_patches_gemm(other)

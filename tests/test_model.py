@@ -287,6 +287,10 @@ def test_patchify_linear_is_the_conv(image, kernel, bias):
     out = patchify_linear(x, weight, b)
     assert_close(out, torch.nn.functional.conv2d(x, weight, b, stride=kernel))
     assert out.flatten(2).transpose(1, 2).is_contiguous()  # a ViT's reshape to tokens is a view
+    # an unbatched image is the conv's too; one smaller than a patch fails as the conv does
+    assert_close(patchify_linear(x[0], weight, b), torch.nn.functional.conv2d(x[0], weight, b, stride=kernel))
+    with pytest.raises(RuntimeError):
+        patchify_linear(x[..., : kernel[0] - 1, :], weight, b)
 
 
 def test_mixed_forward_traces_without_graph_breaks():
