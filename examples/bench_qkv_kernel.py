@@ -23,7 +23,6 @@ from kernel_tiles import time_tiles
 from triton.testing import do_bench_cudagraph
 
 from ssf_tasks import fused_qkv
-from ssf_tasks.kernel_support import linear_site_gradients
 
 
 def _inputs(batch: int, tokens: int, heads: int, head_dim: int):
@@ -63,7 +62,7 @@ def main(sweep: bool, shape: tuple[int, int, int, int] = (64, 197, 12, 64)) -> t
     grid = itertools.product((16, 32, 64), (128, 256), (4, 8), (528, 1056), (1, 3)) if sweep else ()
     # the kernel also forms the site's gradients from the sums, with its γ and β
     scale, shift = 1 + 0.1 * torch.randn(y.shape[-1], device="cuda"), 0.1 * torch.randn(y.shape[-1], device="cuda")
-    grads = linear_site_gradients(expected[1], scale.double(), shift.double())
+    grads = fused_qkv._gradients_from_sums(expected[1], scale.double(), shift.double())
     expected_kernel = (expected[0], grads)
     run = lambda: fused_qkv._qkv_backward_op(*args, scale, shift)  # noqa: E731
     describe = lambda r: _errors(r, expected_kernel, "grads")  # noqa: E731

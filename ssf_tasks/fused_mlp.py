@@ -8,7 +8,7 @@ batch 64 on ViT-B that took 1.2 ms of a 20 ms step (BENCHMARKS.md), the largest 
 to a frozen backbone's backward. The kernel here reads ``dout`` and ``y`` once, writes ``dy`` (which the input
 gradient needs anyway) and keeps the two sums as it goes: the same memory traffic as GELU's backward alone (on
 an H100 it takes 97.7 µs per ViT-B block where GELU's backward alone takes 84.1 µs, and torch.compile's two
-kernels took 181.7 µs). It also forms the site's gradients from the sums (``kernel_support.finished_last``).
+kernels took 181.7 µs).
 
 ``FusedGeluMlp`` is timm's ``Mlp`` whose fused training path (one task per batch, on CUDA) runs ``fc1``, its
 SSF and GELU as one op with this backward; every other case is timm's own ``forward``.
@@ -20,37 +20,27 @@ import torch
 from timm.layers import Mlp as TimmMlp
 from torch import nn
 
-from .kernel_support import finished_last, linear_site_gradients, row_chunks, store_linear_site_gradients, tl, triton
+from .kernel_support import row_chunks, tl, triton
 
-__all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward"]
+__all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward_sums"]
 
 
-def gelu_backward(
-    dout: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dy, grads)`` for ``out = gelu(y)`` (exact, erf form), where ``y`` came out of a Linear with the site's
-    ``γ`` (``scale``) and ``β`` (``shift``, None for a scale-only site) folded in.
+def gelu_backward_sums(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dy, Σ dy, Σ dy ⊙ y)`` for ``out = gelu(y)`` (exact, erf form), sums over every axis but the last.
 
-    ``dy`` has ``y``'s dtype; ``grads`` is ``[2, C]`` in fp32 (fp64 for fp64 input): ``dγ = (Σ dy ⊙ y - β ⊙ Σ dy)
-    / γ`` and ``dβ = Σ dy``, with the sums over every axis but the last (``_gelu_backward_sums_torch``), taken
-    over ``dy`` as returned (rounded to its dtype), so they are the gradients of exactly the ``dy`` that flows on
-    to the op's input.
+    ``dy`` has ``y``'s dtype; the two ``[C]`` sums are fp32 (fp64 for fp64 input) and are taken over ``dy`` as
+    returned (rounded to its dtype), so they are the gradients of exactly the ``dy`` that flows on to the op's
+    input.
     """
     if dout.shape != y.shape:
-        raise ValueError(f"gelu_backward needs tensors of one shape, got {tuple(dout.shape)} and {tuple(y.shape)}")
-    channels = y.shape[-1:]
-    if scale.shape != channels or (shift is not None and shift.shape != channels):
-        raise ValueError(f"gelu_backward needs γ and β of shape {tuple(channels)}, got {tuple(scale.shape)}")
+        raise ValueError(f"gelu_backward_sums needs tensors of one shape, got {tuple(dout.shape)} and {tuple(y.shape)}")
     kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if triton is not None and y.is_cuda and y.dtype in kernel_dtypes and y.numel() > 0 and y.is_contiguous():
-        shift = shift.float().contiguous() if shift is not None else None
-        return _gelu_backward_op(dout.contiguous(), y, scale.float().contiguous(), shift)
-    dy, sum_dy, sum_dy_y = _gelu_backward_sums_torch(dout, y)
-    return dy, linear_site_gradients(torch.stack([sum_dy, sum_dy_y]), scale, shift)
+        return _gelu_backward_sums_op(dout.contiguous(), y)
+    return _gelu_backward_sums_torch(dout, y)
 
 
 def _gelu_backward_sums_torch(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dy, Σ dy, Σ dy ⊙ y)``."""
     dy = torch.ops.aten.gelu_backward(dout.to(y.dtype), y)
     accumulate = torch.promote_types(dy.dtype, torch.float32)
     rows = dy.reshape(-1, dy.shape[-1]).to(accumulate)
@@ -60,25 +50,19 @@ def _gelu_backward_sums_torch(dout: torch.Tensor, y: torch.Tensor) -> tuple[torc
 if triton is not None:
 
     @triton.jit
-    def _gelu_backward_kernel(
+    def _gelu_backward_sums_kernel(
         dout_ptr,
         y_ptr,
-        scale_ptr,
-        shift_ptr,
         dy_ptr,
-        sums_ptr,
-        grads_ptr,
+        partial_dy_ptr,
+        partial_dy_y_ptr,
         rows,
         channels,
         rows_per_chunk,
-        chunks,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
-        HAS_SHIFT: tl.constexpr,
     ):
-        # One program per (block of channels, chunk of rows): writes dy for its tile and adds its two column sums
-        # into sums_ptr [2, C] (zeroed, then a count of finished programs per block of channels); the program
-        # that finishes a block of channels last forms its gradients.
+        # One program per (block of channels, chunk of rows): writes dy for its tile and one row of partial sums.
         columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         chunk = tl.program_id(1)
         column_ok = columns < channels
@@ -99,39 +83,31 @@ if triton is not None:
             dy = dy.to(tl.float32)
             acc_dy += dy
             acc_dy_y += dy * y
-        tl.atomic_add(sums_ptr + columns, tl.sum(acc_dy, 0), mask=column_ok, sem="relaxed")
-        tl.atomic_add(sums_ptr + channels + columns, tl.sum(acc_dy_y, 0), mask=column_ok, sem="relaxed")
-        if finished_last(sums_ptr + 2 * channels + tl.program_id(0), chunks):
-            store_linear_site_gradients(
-                sums_ptr, scale_ptr, shift_ptr, grads_ptr, columns, column_ok, channels, HAS_SHIFT
-            )
+        out = chunk * channels + columns
+        tl.store(partial_dy_ptr + out, tl.sum(acc_dy, 0), mask=column_ok)
+        tl.store(partial_dy_y_ptr + out, tl.sum(acc_dy_y, 0), mask=column_ok)
 
     # Best tile in two sweeps (156 and 56 tiles) on H100s at ViT-B's fc1 shape, [64·197, 3072] bf16 (BENCHMARKS.md).
     _BLOCK_R, _BLOCK_C, _WARPS, _STAGES = 4, 512, 16, 1
     _PROGRAMS = 528  # four per streaming multiprocessor of an H100 (132); smaller cards run more waves
 
     # A ``triton_op``: torch.compile sees the kernel and launches it from its own generated code (no Python on
-    # the way, so it also lives in CUDA graphs).
-    @torch.library.triton_op("ssf_tasks::gelu_backward", mutates_args=())
-    def _gelu_backward_op(
-        dout: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel on contiguous ``dout`` and ``y`` of one shape, channels last, and fp32 ``γ``/``β`` (see
-        ``gelu_backward``)."""
+    # the way, so it also lives in CUDA graphs), and fuses the small sums of the partials after it.
+    @torch.library.triton_op("ssf_tasks::gelu_backward_sums", mutates_args=())
+    def _gelu_backward_sums_op(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel on contiguous ``dout`` and ``y`` of one shape, channels last (see ``gelu_backward_sums``)."""
         channels = y.shape[-1]
         rows = y.numel() // channels
         column_blocks = triton.cdiv(channels, _BLOCK_C)
         chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, _PROGRAMS // column_blocks)
         dy = torch.empty_like(y)
-        # the two sums, then a count of finished programs per block of channels
-        sums = torch.zeros(2 * channels + column_blocks, device=y.device, dtype=torch.float32)
-        grads = torch.empty(2, channels, device=y.device, dtype=torch.float32)
-        torch.library.wrap_triton(_gelu_backward_kernel)[(column_blocks, chunks)](
-            dout, y, scale, scale if shift is None else shift, dy, sums, grads, rows, channels, rows_per_chunk,
-            chunks, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, HAS_SHIFT=shift is not None, num_warps=_WARPS,
-            num_stages=_STAGES,
+        partial_dy = torch.empty(chunks, channels, device=y.device, dtype=torch.float32)
+        partial_dy_y = torch.empty_like(partial_dy)
+        torch.library.wrap_triton(_gelu_backward_sums_kernel)[(column_blocks, chunks)](
+            dout, y, dy, partial_dy, partial_dy_y, rows, channels, rows_per_chunk,
+            BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_WARPS, num_stages=_STAGES,
         )  # fmt: skip
-        return dy, grads
+        return dy, partial_dy.sum(0), partial_dy_y.sum(0)
 
 
 # ----------------------------------------------------------------------------------------------- the module

@@ -1,5 +1,4 @@
-"""Triton for the training kernels, where it can serve them (``triton`` and ``tl``, else None for both), and what
-the kernels share: their chunks of rows, and how they finish their column sums into gradients.
+"""Triton for the training kernels, where it can serve them: ``triton`` and ``tl``, else None for both.
 
 Why one place: each training kernel (``fused_mlp``, ``fused_qkv``, ``fused_block``) has a torch version that runs
 where Triton is missing (CPU-only installs) or where torch cannot hand a Triton kernel to inductor
@@ -10,14 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = [
-    "finished_last",
-    "linear_site_gradients",
-    "row_chunks",
-    "store_linear_site_gradients",
-    "tl",
-    "triton",
-]
+__all__ = ["finished_last", "row_chunks", "tl", "triton"]
 
 try:
     import triton
@@ -41,29 +33,8 @@ if triton is not None:
         finished = tl.atomic_add(counter_ptr, 1.0, sem="acq_rel")  # release: this program's adds come before
         return finished == programs - 1
 
-    @triton.jit
-    def store_linear_site_gradients(sums_ptr, scale_ptr, shift_ptr, grads_ptr, at, ok, width, HAS_SHIFT: tl.constexpr):
-        """A Linear site's ``[dγ, dβ]`` (``grads_ptr``, rows of ``width``) at columns ``at`` from its totals
-        ``[Σ dy, Σ dy ⊙ y]`` (``sums_ptr``, as ``finished_last``'s program reads them): the kernels' version of
-        ``linear_site_gradients``."""
-        sum_dy = tl.load(sums_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
-        sum_dy_y = tl.load(sums_ptr + width + at, mask=ok, other=0.0, cache_modifier=".cg")
-        if HAS_SHIFT:
-            sum_dy_y -= tl.load(shift_ptr + at, mask=ok, other=0.0) * sum_dy
-        tl.store(grads_ptr + at, sum_dy_y / tl.load(scale_ptr + at, mask=ok, other=1.0), mask=ok)
-        tl.store(grads_ptr + width + at, sum_dy, mask=ok)
-
 else:
-    finished_last = store_linear_site_gradients = None
-
-
-def linear_site_gradients(sums: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """``[dγ, dβ]`` of a Linear site with ``γ``/``β`` folded in, from ``[Σ dy, Σ dy ⊙ y]`` over its output ``y``:
-    ``z = (y - β) / γ``, so ``dγ = Σ dy ⊙ z = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``, and ``dβ = Σ dy``."""
-    sum_dy, sum_dy_y = sums.unbind(0)
-    if shift is not None:
-        sum_dy_y = sum_dy_y - shift.to(sums.dtype) * sum_dy
-    return torch.stack([sum_dy_y / scale.to(sums.dtype), sum_dy])
+    finished_last = None
 
 
 def row_chunks(rows: int, block_rows: int, programs: int) -> tuple[int, int]:

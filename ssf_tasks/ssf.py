@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import BatchMismatchError, SSFTasksError
-from .fused_mlp import gelu_backward
+from .fused_mlp import gelu_backward_sums
 from .fused_qkv import qkv_backward
 from .sites import SiteRule
 
@@ -220,7 +220,7 @@ class _FrozenOpSSF(torch.autograd.Function):
     pre-SSF output ``z``, which is either recomputed from the saved input (``z = op(x)``, one more GEMM) or
     read off the saved output (``z = (y - β) / γ``, so ``dγ = (Σ dy ⊙ y - β ⊙ Σ dy) / γ``: two column sums).
     With ``activation="gelu"`` the op returns ``gelu(y)`` and its backward starts with GELU's, fused with the
-    two sums (``fused_mlp.gelu_backward``); ``y``, which GELU would keep anyway, is the saved tensor. With
+    two sums (``fused_mlp.gelu_backward_sums``); ``y``, which GELU would keep anyway, is the saved tensor. With
     ``heads`` it returns timm's q, k, v split of ``y`` (``[B, N, 3·H·d]``), which attention keeps anyway, and its
     backward lays their gradients out as ``dy`` and takes the sums in the same pass
     (``fused_qkv.qkv_backward``).
@@ -265,10 +265,11 @@ class _FrozenOpSSF(torch.autograd.Function):
             sum_dy, grad_scale = _grad_sums(ctx.op, dy, z)
         elif ctx.heads is not None:  # autograd gives zeros for a q, k or v that was not used
             dy, (grad_scale, sum_dy) = qkv_backward(*grads, kept, scale, shift if ctx.has_shift else None)
-        elif ctx.activation == "gelu":
-            dy, (grad_scale, sum_dy) = gelu_backward(dy, kept, scale, shift if ctx.has_shift else None)
         else:
-            sum_dy, sum_dy_y = _grad_sums(ctx.op, dy, kept)
+            if ctx.activation == "gelu":
+                dy, sum_dy, sum_dy_y = gelu_backward_sums(dy, kept)
+            else:
+                sum_dy, sum_dy_y = _grad_sums(ctx.op, dy, kept)
             if ctx.has_shift:
                 sum_dy_y = sum_dy_y - shift.float() * sum_dy
             grad_scale = sum_dy_y / scale.float()

@@ -15,7 +15,6 @@ KERNEL_CHECK = """
 import json
 import torch
 from ssf_tasks import fused_qkv
-from ssf_tasks.kernel_support import linear_site_gradients
 
 torch.manual_seed(0)
 errors = {}
@@ -45,16 +44,16 @@ for block_r, block_c, programs in tiles:
         dy_expected, sums = fused_qkv._qkv_backward_sums_torch(dq.double(), dk.double(), dv.double(), y.double())
         dy, grads = fused_qkv._qkv_backward_op(dq, dk, dv, y, scale, shift)
         errors[f"{name}/fp32 dy"] = float((dy.double() - dy_expected).abs().max())  # a copy: exact
-        errors[f"{name}/fp32 grads"] = relative(grads, linear_site_gradients(sums, *wide))
+        errors[f"{name}/fp32 grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, *wide))
         # scale only (no β): dγ = Σ dy ⊙ y / γ
         _, grads = fused_qkv._qkv_backward_op(dq, dk, dv, y, scale, None)
-        errors[f"{name}/fp32 scale-only grads"] = relative(grads, linear_site_gradients(sums, wide[0], None))
+        errors[f"{name}/fp32 scale-only grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, wide[0], None))
         # bf16 gradients (as SDPA gives them under autocast): dy is exact, the sums are those of the bf16 dy
         low = [g.bfloat16() for g in (dq, dk, dv)]
         dy_expected, sums = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in low], y.bfloat16().double())
         dy, grads = fused_qkv._qkv_backward_op(*low, y.bfloat16(), scale, shift)
         errors[f"{name}/bf16 dy"] = float((dy.double() - dy_expected).abs().max()) + (dy.dtype != torch.bfloat16)
-        errors[f"{name}/bf16 grads"] = relative(grads, linear_site_gradients(sums, *wide))
+        errors[f"{name}/bf16 grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, *wide))
 print(json.dumps(errors))
 """
 

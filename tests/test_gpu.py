@@ -260,27 +260,23 @@ def test_compiled_fused_training_matches_eager_gradients():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gelu_backward_kernel_matches_fp64(dtype):
-    """The fused fc1 backward kernel at ViT-B's training shape (and a ragged one) against fp64: ``dy`` and the
-    site's ``dγ``, ``dβ``, which the kernel forms from its sums."""
+def test_gelu_backward_sums_kernel_matches_fp64(dtype):
+    """The fused fc1 backward kernel at ViT-B's training shape (and a ragged one) against fp64."""
     from ssf_tasks import fused_mlp
     from ssf_tasks.fused_mlp import _gelu_backward_sums_torch
-    from ssf_tasks.kernel_support import linear_site_gradients
 
     assert fused_mlp.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
     torch.manual_seed(0)
     for shape in [(64, 197, 3072), (3, 70, 200)]:
         dout = torch.randn(shape, device="cuda").to(dtype)
         y = (2 * torch.randn(shape, device="cuda")).to(dtype)
-        scale, shift = 1 + 0.3 * torch.randn(shape[-1], device="cuda"), torch.randn(shape[-1], device="cuda")
-        dy, grads = fused_mlp._gelu_backward_op(dout, y, scale, shift)
-        dy_expected, *sums = _gelu_backward_sums_torch(dout.double(), y.double())
-        expected = linear_site_gradients(torch.stack(sums), scale.double(), shift.double())
+        dy, sum_dy, sum_dy_y = fused_mlp._gelu_backward_sums_op(dout, y)
+        expected = _gelu_backward_sums_torch(dout.double(), y.double())
         tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the rounding of dy itself
-        for got, want in ((dy, dy_expected), *zip(grads, expected, strict=True)):
+        for got, want in zip((dy, sum_dy, sum_dy_y), expected, strict=True):
             assert (got.double() - want).abs().max() <= tolerance * want.abs().max()
         if dtype == torch.bfloat16:  # the sums are those of dy as rounded, as the eager path takes them
-            assert_close(grads[1], dy.float().sum((0, 1)), rtol=1e-4, atol=1e-3)
+            assert_close(sum_dy, dy.float().sum((0, 1)), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("stream_dtype", [torch.float32, torch.bfloat16])
@@ -328,7 +324,6 @@ def test_qkv_backward_kernel_matches_fp64_on_sdpa_gradients():
     """The qkv backward kernel at ViT-B's training shape (and a ragged one), fed the q/k/v gradients SDPA's
     backward gives (their strides as SDPA makes them), against fp64."""
     from ssf_tasks import fused_qkv
-    from ssf_tasks.kernel_support import linear_site_gradients
 
     assert fused_qkv.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
     torch.manual_seed(0)
@@ -341,7 +336,7 @@ def test_qkv_backward_kernel_matches_fp64_on_sdpa_gradients():
         shift = torch.randn(y.shape[-1], device="cuda")
         dy, site_grads = fused_qkv.qkv_backward(*grads, y.detach(), scale, shift)
         dy_expected, sums = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in grads], y.detach().double())
-        expected = linear_site_gradients(sums, scale.double(), shift.double())
+        expected = fused_qkv._gradients_from_sums(sums, scale.double(), shift.double())
         assert dy.dtype == torch.bfloat16 and torch.equal(dy.double(), dy_expected)  # a copy: exact
         for got, want in zip(site_grads.double(), expected, strict=True):  # dγ, dβ: each against its own scale
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()
