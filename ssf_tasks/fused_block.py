@@ -7,9 +7,9 @@ passes that read ``dy`` again, plus a GEMM that recomputes ``proj``'s output (BE
 step on ViT-B), and each LayerNorm site's own sums end in an eager reduction of their partials (0.7 ms). Here
 one op does the residual add and the LayerNorm with its SSF folded in (``x_out = x_in + y``,
 ``h = LN(x_out) ⊙ w' + b'``), and its backward is one pass (a Triton kernel on CUDA) that writes the residual
-gradient and keeps the column sums that give the LayerNorm site's γ/β gradients and the Linear site's. The
-Linear's output need not be kept: it is ``x_out - x_in``, two residual-stream tensors that the LayerNorms keep
-anyway. Nor need ``x_in`` be read but by the chain's first op: the op before gives ``Σ dx ⊙ x_in`` from its own
+gradient and keeps the column sums that give the LayerNorm site's γ/β gradients and the Linear site's, and forms
+those gradients itself (``kernel_support.finished_last``). The Linear's output need not be kept: it is
+``x_out - x_in``, two residual-stream tensors that the LayerNorms keep anyway. Nor need ``x_in`` be read but by the chain's first op: the op before gives ``Σ dx ⊙ x_in`` from its own
 pass (see ``_ResidualNormSSF``), so the kernel reads as many bytes as a plain LayerNorm backward. On an H200 this
 took the SSF step from 0.79× to 0.70× of full fine-tuning's time with CUDA graphs (BENCHMARKS.md; ``qkv`` as one
 op did part of that).

@@ -6,7 +6,8 @@ the q, k and v gradients that the attention backward gives, put back side by sid
 layout of timm's split. Even a frozen backbone pays for that copy. Left to torch.compile, the copy and the two
 sums took three kernels that read the q/k/v gradients twice more: 102 µs per ViT-B block at batch 64 on an
 H200, against 28 µs for the copy alone. The kernel here reads each gradient and ``y`` once, writes ``dy`` and
-keeps the two sums as it goes: 50 µs in the same step, 0.6 ms per step (BENCHMARKS.md).
+keeps the two sums as it goes: 50 µs in the same step, 0.6 ms per step (BENCHMARKS.md). It also forms the site's
+``dγ``/``dβ`` from the sums (``kernel_support.finished_last``), so no kernel of torch.compile's follows it.
 
 ``SSFLayer.fast_forward_heads`` runs ``qkv``, its SSF and timm's q/k/v split as one op whose backward takes
 this kernel; ``MixedTaskAttention`` calls it on the fused path (one task per batch, on CUDA).

@@ -1,4 +1,5 @@
-"""Triton for the training kernels, where it can serve them: ``triton`` and ``tl``, else None for both.
+"""Triton for the training kernels, where it can serve them (``triton`` and ``tl``, else None for both), and what
+two of them share: their chunks of rows, and how the last program to finish forms the gradients from the sums.
 
 Why one place: each training kernel (``fused_mlp``, ``fused_qkv``, ``fused_block``) has a torch version that runs
 where Triton is missing (CPU-only installs) or where torch cannot hand a Triton kernel to inductor
@@ -38,8 +39,8 @@ else:
 
 
 def row_chunks(rows: int, block_rows: int, programs: int) -> tuple[int, int]:
-    """``(chunks, rows_per_chunk)`` for a kernel whose programs each take a chunk of whole row blocks and write one
-    row of partial sums: at most ``programs`` chunks, enough to fill the card a few times over, none empty."""
+    """``(chunks, rows_per_chunk)`` for a kernel whose programs each take a chunk of whole row blocks and keep its
+    column sums: at most ``programs`` chunks, enough to fill the card a few times over, none empty."""
     chunks = max(1, min(_cdiv(rows, block_rows), programs))
     rows_per_chunk = _cdiv(_cdiv(rows, chunks), block_rows) * block_rows
     return _cdiv(rows, rows_per_chunk), rows_per_chunk
