@@ -293,6 +293,26 @@ def test_patchify_linear_is_the_conv(image, kernel, bias):
         patchify_linear(x[..., : kernel[0] - 1, :], weight, b)
 
 
+def test_one_task_tables_give_their_rows_as_views():
+    """A one-task table (as training holds it) hands out its row as a view, whose backward copies nothing; other
+    tables and indices still index (and an index out of range still fails)."""
+    model = MultiTaskSSF(make_backbone("vit"))
+    model.add_task("a", 4)
+    site = next(s for s in model.sites if s.ssf_shift is not None)
+    for index in (0, -1):
+        scale, shift = site.task_rows(index)
+        assert scale._base is site.ssf_scale and shift._base is site.ssf_shift
+        assert scale.shape == shift.shape == (site.channels,)
+        assert type(scale.grad_fn).__name__ == "ViewBackward0"  # not select's, which writes a zeroed table
+    (scale * 2 + shift).sum().backward()
+    assert_close(site.ssf_scale.grad, torch.full((1, site.channels), 2.0))
+    with pytest.raises(IndexError):
+        site.task_rows(1)
+    model.add_task("b", 4)
+    scale, _ = site.task_rows(1)
+    assert type(scale.grad_fn).__name__ == "SelectBackward0" and torch.equal(scale, site.ssf_scale[1])
+
+
 def test_mixed_forward_traces_without_graph_breaks():
     """The task-index check (a host sync) is skipped while compiling: one graph, as CUDA graphs need."""
     model = _model_with_tasks("vit")
