@@ -9,10 +9,10 @@ one op does the residual add and the LayerNorm with its SSF folded in (``x_out =
 ``h = LN(x_out) ⊙ w' + b'``), and its backward is one pass (a Triton kernel on CUDA) that writes the residual
 gradient and keeps the column sums that give the LayerNorm site's γ/β gradients and the Linear site's, and forms
 those gradients itself (``kernel_support.finished_last``). The Linear's output need not be kept: it is
-``x_out - x_in``, two residual-stream tensors that the LayerNorms keep anyway. Nor need ``x_in`` be read but by the chain's first op: the op before gives ``Σ dx ⊙ x_in`` from its own
-pass (see ``_ResidualNormSSF``), so the kernel reads as many bytes as a plain LayerNorm backward. On an H200 this
-took the SSF step from 0.79× to 0.70× of full fine-tuning's time with CUDA graphs (BENCHMARKS.md; ``qkv`` as one
-op did part of that).
+``x_out - x_in``, two residual-stream tensors that the LayerNorms keep anyway. Nor need ``x_in`` be read but by
+the chain's first op: the op before gives ``Σ dx ⊙ x_in`` from its own pass (see ``_ResidualNormSSF``), so the
+kernel reads as many bytes as a plain LayerNorm backward. On an H200 this took the SSF step from 0.79× to 0.70×
+of full fine-tuning's time with CUDA graphs (BENCHMARKS.md; ``qkv`` as one op did part of that).
 
 ``FusedBlockChain`` runs a ViT's ``blocks`` that way on the fused path (one task per batch); block ``l``'s
 ``fc2`` output is added to the residual stream by block ``l + 1``'s ``norm1``, so the chain carries it over.
@@ -27,7 +27,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 from .fused_mlp import FusedGeluMlp
-from .kernel_support import finished_last, row_chunks, tl, triton
+from .kernel_support import finished_last, linear_site_gradients, row_chunks, tl, triton
 from .mixed_attention import MixedTaskAttention, linear_output_dtype
 
 __all__ = [
@@ -123,9 +123,10 @@ def _gradients_from_sums(sums, weight, bias, lin_scale, lin_shift, next_scale):
     """The five gradients of ``residual_norm_backward`` from its five column sums (as the kernel forms them)."""
     s = sums.unbind(0)
     accumulate = sums.dtype
-    weight, bias, lin_scale, lin_shift = [v.to(accumulate) for v in (weight, bias, lin_scale, lin_shift)]
+    weight, bias = weight.to(accumulate), bias.to(accumulate)
     share_of_next = -s[4] / next_scale.to(accumulate) if next_scale is not None else torch.zeros_like(s[4])
-    return torch.stack([weight * s[0] + bias * s[1], s[1], (s[3] - lin_shift * s[2]) / lin_scale, s[2], share_of_next])
+    lin = linear_site_gradients(s[2], s[3], lin_scale, lin_shift)
+    return torch.stack([weight * s[0] + bias * s[1], s[1], *lin, share_of_next])
 
 
 _MAX_CHANNELS = 4096  # one row of channels is held in registers by the kernel

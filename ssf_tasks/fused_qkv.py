@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_support import finished_last, row_chunks, tl, triton
+from .kernel_support import finished_last, linear_site_gradients, row_chunks, tl, triton
 
 __all__ = ["qkv_backward"]
 
@@ -76,10 +76,7 @@ def _qkv_backward_sums_torch(dq, dk, dv, y) -> tuple[torch.Tensor, torch.Tensor]
 
 def _gradients_from_sums(sums, scale, shift) -> torch.Tensor:
     """``[dγ, dβ]`` from ``[Σ dy, Σ dy ⊙ y]`` (as the kernel forms them)."""
-    sum_dy, sum_dy_y = sums.unbind(0)
-    if shift is not None:
-        sum_dy_y = sum_dy_y - shift.to(sums.dtype) * sum_dy
-    return torch.stack([sum_dy_y / scale.to(sums.dtype), sum_dy])
+    return torch.stack(linear_site_gradients(*sums.unbind(0), scale, shift))
 
 
 if triton is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["finished_last", "row_chunks", "tl", "triton"]
+__all__ = ["finished_last", "linear_site_gradients", "row_chunks", "tl", "triton"]
 
 try:
     import triton
@@ -36,6 +36,17 @@ if triton is not None:
 
 else:
     finished_last = None
+
+
+def linear_site_gradients(
+    sum_dy: torch.Tensor, sum_dy_y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dγ, dβ)`` of a Linear or conv site with ``γ``/``β`` folded into its op, from ``Σ dy`` and ``Σ dy ⊙ y`` over
+    its output ``y``: ``z = (y - β) / γ``, so ``dγ = Σ dy ⊙ z = (Σ dy ⊙ y - β ⊙ Σ dy) / γ`` and ``dβ = Σ dy``
+    (``shift`` None: a scale-only site). The kernels form the same in their last program."""
+    if shift is not None:
+        sum_dy_y = sum_dy_y - shift.to(sum_dy_y.dtype) * sum_dy
+    return sum_dy_y / scale.to(sum_dy_y.dtype), sum_dy
 
 
 def row_chunks(rows: int, block_rows: int, programs: int) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from .errors import BatchMismatchError, SSFTasksError
 from .fused_mlp import gelu_backward_sums
 from .fused_qkv import qkv_backward
+from .kernel_support import linear_site_gradients
 from .sites import SiteRule
 
 __all__ = ["SSFLayer", "TaskRouting", "FAST_PATH_AUTO", "patchify_linear"]
@@ -270,9 +271,8 @@ class _FrozenOpSSF(torch.autograd.Function):
                 dy, sum_dy, sum_dy_y = gelu_backward_sums(dy, kept)
             else:
                 sum_dy, sum_dy_y = _grad_sums(ctx.op, dy, kept)
-            if ctx.has_shift:
-                sum_dy_y = sum_dy_y - shift.float() * sum_dy
-            grad_scale = sum_dy_y / scale.float()
+            shift_wide = shift.float() if ctx.has_shift else None
+            grad_scale, sum_dy = linear_site_gradients(sum_dy, sum_dy_y, scale.float(), shift_wide)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = fold_rows(weight, scale).to(dy.dtype)
