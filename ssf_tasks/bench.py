@@ -377,9 +377,11 @@ def bench_training(
     def ssf(fast: bool, **ablation: bool):
         return lambda: ssf_training_variant(model_name, classes, fast=fast, **ablation)
 
+    with torch.device("meta"):  # the layout only: no weights allocated or initialised
+        patchify_stem = has_patchify_stem(timm.create_model(model_name))
     variants: list[tuple[str, Callable]] = [
         ("full fine-tuning", full_ft),
-        *([(_FULL_PATCHES_GEMM, full_ft_patches_gemm)] if has_patchify_stem(timm.create_model(model_name)) else []),
+        *([(_FULL_PATCHES_GEMM, full_ft_patches_gemm)] if patchify_stem else []),
         ("linear probe", linear_probe),
         ("frozen-backbone floor (backward through every block, no weight gradients, no SSF)", frozen_floor),
     ]
