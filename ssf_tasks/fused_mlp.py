@@ -11,7 +11,8 @@ an H100 it takes 97.7 µs per ViT-B block where GELU's backward alone takes 84.1
 kernels took 181.7 µs).
 
 ``FusedGeluMlp`` is timm's ``Mlp`` whose fused training path (one task per batch, on CUDA) runs ``fc1``, its
-SSF and GELU as one op with this backward; every other case is timm's own ``forward``.
+SSF and GELU as one op with this backward, and whose mixed-batch inference on CUDA runs ``fc1`` raw and then
+its per-sample SSF with GELU as one kernel (``ssf_tasks.mixed_gelu``); every other case is timm's own ``forward``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from timm.layers import Mlp as TimmMlp
 from torch import nn
 
 from .kernel_support import row_chunks, tl, triton
+from .mixed_attention import linear_output_dtype
+from .mixed_gelu import mixed_gelu_available, mixed_ssf_gelu
 
 __all__ = ["FusedGeluMlp", "adopt_fused_mlp", "gelu_backward_sums"]
 
@@ -112,16 +115,36 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------------------------- the module
 class FusedGeluMlp(TimmMlp):
-    """timm's ``Mlp`` whose ``fc1`` runs with its SSF and GELU as one op on the fused training path.
+    """timm's ``Mlp`` whose ``fc1`` runs with its SSF and GELU as one op on the fused training path, and as one
+    kernel after the raw ``fc1`` in mixed-batch inference on CUDA.
 
     ``MultiTaskSSF`` gives this class to every eligible MLP (see :func:`adopt_fused_mlp`). Parameters and keys
-    are timm's; every case the fused path does not take (mixed batches, the CPU by default) is timm's ``forward``.
+    are timm's; every other case (the CPU by default, training on mixed batches) is timm's ``forward``.
+    ``fused_mixed = False`` turns the mixed-batch kernel off (benchmarks, tests).
     """
 
+    fused_mixed: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mixed(x):
+            site = self.fc1
+            hidden = mixed_ssf_gelu(site.base_layer(x), site.ssf_scale, site.ssf_shift, site.routing.index)
+            return self.drop2(self.fc2(self.norm(self.drop1(hidden))))
         if not self._fused(x):
             return super().forward(x)
         return self.drop2(self.fc2(self.norm(self.drop1(self.fc1.fast_forward_gelu(x)))))
+
+    def _mixed(self, x: torch.Tensor) -> bool:
+        index = self.fc1.routing.index
+        return (
+            self.fused_mixed
+            and isinstance(index, torch.Tensor)
+            and x.ndim == 3
+            and index.shape[0] == x.shape[0]
+            and not torch.is_grad_enabled()
+            and _is_exact_gelu(self.act)
+            and mixed_gelu_available(x, linear_output_dtype(x))
+        )
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``drop1(act(fc1(x)))``, with ``fc1`` and GELU as one op on the fused path (the training chain of

@@ -23,7 +23,7 @@ from .errors import (
     TaskNotFoundError,
 )
 from .fused_block import adopt_fused_blocks
-from .fused_mlp import adopt_fused_mlp
+from .fused_mlp import FusedGeluMlp, adopt_fused_mlp
 from .mixed_attention import MixedTaskAttention, adopt_mixed_attention
 from .sites import find_sites
 from .ssf import SSFLayer, TaskRouting
@@ -130,6 +130,12 @@ class MultiTaskSSF(nn.Module):
         """The fused mixed-batch attention kernel (``ssf_tasks.mixed_attention``) on or off (on by default)."""
         for module in self.backbone.modules():
             if isinstance(module, MixedTaskAttention):
+                module.fused_mixed = enabled
+
+    def set_mixed_gelu(self, enabled: bool) -> None:
+        """The mixed-batch kernel of ``fc1``'s SSF with GELU (``ssf_tasks.mixed_gelu``) on or off (on by default)."""
+        for module in self.backbone.modules():
+            if isinstance(module, FusedGeluMlp):
                 module.fused_mixed = enabled
 
     def train(self, mode: bool = True) -> MultiTaskSSF:

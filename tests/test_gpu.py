@@ -219,6 +219,41 @@ def test_mixed_batch_uses_the_attention_kernel_and_matches_timm_attention(autoca
     assert error < 2e-2, error
 
 
+@pytest.mark.parametrize("shape", [(256, 197, 3072), (3, 197, 1536), (5, 50, 200)])
+def test_mixed_gelu_kernel_matches_the_reference(shape):
+    from ssf_tasks.mixed_gelu import _mixed_ssf_gelu_op, mixed_ssf_gelu_reference
+
+    torch.manual_seed(0)
+    batch, _, channels = shape
+    y = (2 * torch.randn(shape, device="cuda")).bfloat16()
+    scale = (1 + 0.3 * torch.randn(64, channels, device="cuda")).bfloat16()
+    shift = (0.5 * torch.randn(64, channels, device="cuda")).bfloat16()
+    tasks = torch.randint(0, 64, (batch,), device="cuda")
+    expected = mixed_ssf_gelu_reference(y.double(), scale, shift, tasks)
+    result = _mixed_ssf_gelu_op(y, scale, shift, tasks).double()
+    # in bf16 rounding steps (2**-8 of the value: one rounding, and GPU erf's last bits), or 1% of the largest
+    steps = (result - expected).abs() / (expected.abs() + 0.01 * expected.abs().max()) / 2**-8
+    assert steps.max() <= 1.0, steps.max()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mixed_batch_uses_the_gelu_kernel_and_matches_timm_mlp(autocast):
+    model = _model() if autocast else _model().to(torch.bfloat16)
+    images = torch.randn(6, 3, 224, 224, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16)
+    tasks = torch.tensor([0, 5, 5, 2, 7, 1], device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            fused = model(images, tasks)
+            torch.cuda.synchronize()
+        model.set_mixed_gelu(False)
+        reference = model(images, tasks)
+    assert any("mixed_ssf_gelu" in event.name for event in profile.events())
+    finite = torch.isfinite(reference)  # a random ViT in bf16 overflows in a few features
+    assert torch.equal(finite, torch.isfinite(fused))
+    error = (fused[finite].float() - reference[finite].float()).abs().max() / reference[finite].float().abs().max()
+    assert error < 2e-2, error
+
+
 def test_graphed_forward_replays_new_inputs_and_checks_them():
     from ssf_tasks import BatchMismatchError, GraphedForward, TaskNotFoundError
 

@@ -1,0 +1,58 @@
+"""Micro-benchmark of the mixed-batch kernel of fc1's SSF with GELU (ssf_tasks.mixed_gelu) against torch.compile.
+
+ViT-B's ``fc1`` output at batch 256, ``[256, 197, 3072]`` bf16, 64 tasks mixed at random: torch.compile's GELU
+alone (what the plain backbone runs), torch.compile's GELU with each sample's γ/β gathered in it (what the compiled
+mixed forward runs without the kernel), and the Triton kernel at a set of tiles, each checked against the fp32
+reference. Times are of CUDA-graph replays (``do_bench_cudagraph``); they rank tiles, and only the whole forward
+(``python -m ssf_tasks.bench inference``) compares in place. Needs a CUDA GPU and Triton.
+
+    PYTHONPATH=. python examples/bench_mixed_gelu_kernel.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+from kernel_tiles import time_tiles
+from torch.nn import functional as F
+from triton.testing import do_bench_cudagraph
+
+from ssf_tasks import mixed_gelu
+
+
+def main(sweep: bool, batch: int = 256, tokens: int = 197, channels: int = 3072, tasks: int = 64) -> tuple | None:
+    print("triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
+    torch.manual_seed(0)
+    y = (2 * torch.randn(batch, tokens, channels, device="cuda")).bfloat16()
+    scale = (1 + 0.2 * torch.randn(tasks, channels, device="cuda")).bfloat16()
+    shift = (0.2 * torch.randn(tasks, channels, device="cuda")).bfloat16()
+    task_rows = torch.randint(0, tasks, (batch,), device="cuda")
+    expected = mixed_gelu.mixed_ssf_gelu_reference(y, scale, shift, task_rows).float()
+
+    def error(result: torch.Tensor) -> str:
+        return f"rel err {float((result.float() - expected).abs().max() / expected.abs().max()):.1e}"
+
+    plain = torch.compile(F.gelu)
+    plain(y)
+    t_plain = do_bench_cudagraph(lambda: plain(y), rep=300) * 1000
+    print(f"[{batch}, {tokens}, {channels}]: GELU alone (torch.compile): {t_plain:.1f} us")
+    gathered = torch.compile(lambda y, s, b, t: F.gelu(y * s[t][:, None] + b[t][:, None]))
+    gathered(y, scale, shift, task_rows)
+    t_gathered = do_bench_cudagraph(lambda: gathered(y, scale, shift, task_rows), rep=300) * 1000
+    result = gathered(y, scale, shift, task_rows)
+    ratio = f"{t_gathered / t_plain:.2f}x"
+    print(f"   γ/β gathered in the GELU kernel (torch.compile): {t_gathered:.1f} us ({ratio})  {error(result)}")
+    names = ("_BLOCK_R", "_BLOCK_C", "_WARPS", "_TOKENS", "_STAGES")
+    tiles = itertools.product((1, 2, 4), (512, 1024), (4, 8), (1, 16, 64, 0), (1, 3))
+    grid = [(r, c, w, max(t, r) if t else 0, s) for r, c, w, t, s in tiles if t != 1 or s == 1] if sweep else ()
+    run = lambda: mixed_gelu._mixed_ssf_gelu_op(y, scale, shift, task_rows)  # noqa: E731
+    return time_tiles(mixed_gelu, names, grid, run, error, t_plain, "GELU alone")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="time 84 tiles besides the default")
+    main(parser.parse_args().sweep)
