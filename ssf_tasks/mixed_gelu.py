@@ -34,6 +34,22 @@ def mixed_ssf_gelu_reference(
     return torch.nn.functional.gelu(y.to(compute) * scale[:, None, :] + shift[:, None, :]).to(y.dtype)
 
 
+# Best of 85 tiles on an H100 at ViT-B's fc1 output, [256, 197, 3072] bf16 (examples/bench_mixed_gelu_kernel.py,
+# BENCHMARKS.md): one row of 1024 channels at a time, 16 tokens per program. ``_TOKENS`` 0: all of a sample's.
+_BLOCK_R, _BLOCK_C, _WARPS, _TOKENS, _STAGES = 1, 1024, 4, 16, 1
+# Small batches take fewer tokens per program, down to one tile, until there are this many programs: at batch 1
+# ViT-B's 16-token chunks make 39 programs, too few to fill a GPU (at batch 256 they make 9,984).
+_MIN_PROGRAMS = 1024
+
+
+def _tokens_per_program(batch: int, tokens: int, column_blocks: int) -> int:
+    """``_TOKENS``, halved (down to ``_BLOCK_R``) while the grid has fewer than ``_MIN_PROGRAMS`` programs."""
+    chunk = min(_TOKENS or tokens, tokens)
+    while chunk > _BLOCK_R and batch * -(-tokens // chunk) * column_blocks < _MIN_PROGRAMS:
+        chunk = max(_BLOCK_R, chunk // 2)
+    return chunk
+
+
 if triton is not None:
 
     @triton.jit
@@ -79,10 +95,6 @@ if triton is not None:
             out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
             tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=ok)
 
-    # Best of 85 tiles on an H100 at ViT-B's fc1 output, [256, 197, 3072] bf16 (examples/bench_mixed_gelu_kernel.py,
-    # BENCHMARKS.md): one row of 1024 channels at a time, 16 tokens per program. ``_TOKENS`` 0: all of a sample's.
-    _BLOCK_R, _BLOCK_C, _WARPS, _TOKENS, _STAGES = 1, 1024, 4, 16, 1
-
     @torch.library.triton_op("ssf_tasks::mixed_ssf_gelu", mutates_args=())
     def _mixed_ssf_gelu_op(
         y: torch.Tensor, scale_table: torch.Tensor, shift_table: torch.Tensor, task_rows: torch.Tensor
@@ -90,8 +102,9 @@ if triton is not None:
         """The kernel on a contiguous ``[B, N, C]`` ``y`` and contiguous tables (see ``mixed_ssf_gelu``)."""
         batch, tokens, channels = y.shape
         out = torch.empty_like(y)
-        tokens_per_program = min(_TOKENS or tokens, tokens)
-        grid = (batch * triton.cdiv(tokens, tokens_per_program) * triton.cdiv(channels, _BLOCK_C),)
+        column_blocks = triton.cdiv(channels, _BLOCK_C)
+        tokens_per_program = _tokens_per_program(batch, tokens, column_blocks)
+        grid = (batch * triton.cdiv(tokens, tokens_per_program) * column_blocks,)
         torch.library.wrap_triton(_mixed_ssf_gelu_kernel)[grid](
             y, out, scale_table, shift_table, task_rows, tokens, channels, scale_table.stride(0), tokens_per_program,
             BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, EVEN_C=channels % _BLOCK_C == 0, STAGES=_STAGES, num_warps=_WARPS,

@@ -20,6 +20,7 @@ from ssf_tasks import mixed_gelu
 
 torch.manual_seed(0)
 errors = {}
+mixed_gelu._MIN_PROGRAMS = 0  # each tile's own tokens per program, at any batch
 default = (mixed_gelu._BLOCK_R, mixed_gelu._BLOCK_C, mixed_gelu._WARPS, mixed_gelu._TOKENS, mixed_gelu._STAGES)
 # token counts that are not a whole number of row blocks, channels that are not a whole column block (or are)
 shapes = [(3, 197, 200), (2, 13, 64), (4, 5, 2048), (1, 40, 96)]
@@ -47,6 +48,17 @@ def test_kernel_matches_the_reference_in_the_interpreter():
     errors = run_in_triton_interpreter(KERNEL_CHECK)
     assert len(errors) == 4 * 4 * 2
     assert all(steps <= 1.0 for steps in errors.values()), errors  # at most one rounding step apart
+
+
+@pytest.mark.parametrize(
+    ("batch", "tokens", "column_blocks", "chunk"),
+    [(256, 197, 3, 16), (8, 197, 3, 4), (1, 197, 3, 1), (6, 197, 3, 2), (64, 5, 3, 1), (1000, 1, 1, 1), (2, 197, 1, 1)],
+)
+def test_small_batches_take_fewer_tokens_per_program(batch, tokens, column_blocks, chunk):
+    from ssf_tasks import mixed_gelu
+
+    assert (mixed_gelu._TOKENS, mixed_gelu._BLOCK_R, mixed_gelu._MIN_PROGRAMS) == (16, 1, 1024)
+    assert mixed_gelu._tokens_per_program(batch, tokens, column_blocks) == chunk
 
 
 def test_reference_is_ssf_then_gelu_per_sample():
