@@ -120,7 +120,8 @@ class FusedGeluMlp(TimmMlp):
 
     ``MultiTaskSSF`` gives this class to every eligible MLP (see :func:`adopt_fused_mlp`). Parameters and keys
     are timm's; every other case (the CPU by default, training on mixed batches) is timm's ``forward``.
-    ``fused_mixed = False`` turns the mixed-batch kernel off (benchmarks, tests).
+    ``fused_mixed = False`` turns the mixed-batch kernel off (benchmarks, tests). The mixed path calls ``fc1``'s
+    Linear and the kernel itself, so forward hooks on ``fc1`` and ``act`` do not run there.
     """
 
     fused_mixed: bool = True

@@ -34,8 +34,9 @@ def mixed_ssf_gelu_reference(
     return torch.nn.functional.gelu(y.to(compute) * scale[:, None, :] + shift[:, None, :]).to(y.dtype)
 
 
-# Best of 85 tiles on an H100 at ViT-B's fc1 output, [256, 197, 3072] bf16 (examples/bench_mixed_gelu_kernel.py,
-# BENCHMARKS.md): one row of 1024 channels at a time, 16 tokens per program. ``_TOKENS`` 0: all of a sample's.
+# Best of 84 tiles on an H100 at ViT-B's fc1 output, [256, 197, 3072] bf16 (examples/bench_mixed_gelu_kernel.py,
+# BENCHMARKS.md): one row of 1024 channels at a time, 16 tokens per program. ``_TOKENS`` 0: all of a sample's
+# (both before the halving for small batches below).
 _BLOCK_R, _BLOCK_C, _WARPS, _TOKENS, _STAGES = 1, 1024, 4, 16, 1
 # Small batches take fewer tokens per program, down to one tile, until there are this many programs: at batch 1
 # ViT-B's 16-token chunks make 39 programs, too few to fill a GPU (at batch 256 they make 9,984).
@@ -59,6 +60,7 @@ if triton is not None:
         scale_ptr,
         shift_ptr,
         task_ptr,
+        task_stride,
         tokens,
         channels,
         stride_table,
@@ -83,7 +85,7 @@ if triton is not None:
             column_ok = tl.full((BLOCK_C,), True, tl.int1)
         else:
             column_ok = columns < channels
-        task = tl.load(task_ptr + sample)
+        task = tl.load(task_ptr + sample * task_stride)
         scale = tl.load(scale_ptr + task * stride_table + columns, mask=column_ok, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + task * stride_table + columns, mask=column_ok, other=0.0).to(tl.float32)
         sample_rows = sample.to(tl.int64) * tokens
@@ -99,14 +101,16 @@ if triton is not None:
     def _mixed_ssf_gelu_op(
         y: torch.Tensor, scale_table: torch.Tensor, shift_table: torch.Tensor, task_rows: torch.Tensor
     ) -> torch.Tensor:
-        """The kernel on a contiguous ``[B, N, C]`` ``y`` and contiguous tables (see ``mixed_ssf_gelu``)."""
+        """The kernel on a contiguous ``[B, N, C]`` ``y`` and contiguous tables; ``task_rows`` may be strided (see
+        ``mixed_ssf_gelu``)."""
         batch, tokens, channels = y.shape
         out = torch.empty_like(y)
         column_blocks = triton.cdiv(channels, _BLOCK_C)
         tokens_per_program = _tokens_per_program(batch, tokens, column_blocks)
         grid = (batch * triton.cdiv(tokens, tokens_per_program) * column_blocks,)
         torch.library.wrap_triton(_mixed_ssf_gelu_kernel)[grid](
-            y, out, scale_table, shift_table, task_rows, tokens, channels, scale_table.stride(0), tokens_per_program,
+            y, out, scale_table, shift_table, task_rows, task_rows.stride(0), tokens, channels, scale_table.stride(0),
+            tokens_per_program,
             BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, EVEN_C=channels % _BLOCK_C == 0, STAGES=_STAGES, num_warps=_WARPS,
         )  # fmt: skip
         return out
