@@ -6,7 +6,7 @@ Triton cannot vectorise a load whose address comes from another load. On an H100
 20% slower than GELU alone at batch 256 (279 against 233 µs), about 0.5 ms of the forward. Here each program takes
 a run of channels of a chunk of one sample's tokens: it loads the sample's task and its γ/β run once, as contiguous
 vectors, and streams the chunk's rows through them. The chunk matters: with one row per program, loading γ/β made
-the kernel 1.31× GELU alone; with 16 rows, 1.00× (BENCHMARKS.md).
+the kernel 1.31× GELU alone; with 16 rows, 1.00–1.02× (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -206,25 +206,6 @@ def test_attention_kernel_takes_pointer_loads_where_tma_cannot_and_both_are_righ
         assert error < 1e-2, error
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_mixed_batch_uses_the_attention_kernel_and_matches_timm_attention(autocast):
-    """A bf16 model, or (``predict --precision bf16``'s setting) an fp32 model under bf16 autocast."""
-    model = _model() if autocast else _model().to(torch.bfloat16)
-    images = torch.randn(6, 3, 224, 224, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16)
-    tasks = torch.tensor([0, 5, 5, 2, 7, 1], device="cuda")
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-            fused = model(images, tasks)
-            torch.cuda.synchronize()
-        model.set_mixed_attention(False)
-        reference = model(images, tasks)
-    assert any("mixed_ssf_attention" in event.name for event in profile.events())
-    finite = torch.isfinite(reference)
-    assert torch.equal(finite, torch.isfinite(fused))
-    error = (fused[finite].float() - reference[finite].float()).abs().max() / reference[finite].float().abs().max()
-    assert error < 2e-2, error
-
-
 @pytest.mark.parametrize("shape", [(256, 197, 3072), (3, 197, 1536), (5, 50, 200)])
 def test_mixed_gelu_kernel_matches_the_reference(shape):
     from ssf_tasks.mixed_gelu import _mixed_ssf_gelu_op, mixed_ssf_gelu_reference
@@ -242,18 +223,22 @@ def test_mixed_gelu_kernel_matches_the_reference(shape):
     assert steps.max() <= 1.0, steps.max()
 
 
+@pytest.mark.parametrize("kernel", ["attention", "gelu"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_mixed_batch_uses_the_gelu_kernel_and_matches_timm_mlp(autocast):
+def test_mixed_batch_uses_each_kernel_and_matches_timm(kernel, autocast):
+    """Each mixed-batch kernel runs (profiler) and matches timm's module (the kernel turned off): a bf16 model, or
+    (``predict --precision bf16``'s setting) an fp32 model under bf16 autocast."""
     model = _model() if autocast else _model().to(torch.bfloat16)
     images = torch.randn(6, 3, 224, 224, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16)
     tasks = torch.tensor([0, 5, 5, 2, 7, 1], device="cuda")
+    set_kernel = {"attention": model.set_mixed_attention, "gelu": model.set_mixed_gelu}[kernel]
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
             fused = model(images, tasks)
             torch.cuda.synchronize()
-        model.set_mixed_gelu(False)
+        set_kernel(False)
         reference = model(images, tasks)
-    assert any("mixed_ssf_gelu" in event.name for event in profile.events())
+    assert any(f"mixed_ssf_{kernel}" in event.name for event in profile.events())
     finite = torch.isfinite(reference)  # a random ViT in bf16 overflows in a few features
     assert torch.equal(finite, torch.isfinite(fused))
     error = (fused[finite].float() - reference[finite].float()).abs().max() / reference[finite].float().abs().max()
