@@ -236,7 +236,7 @@ class _FrozenOpSSF(torch.autograd.Function):
         if keep != "output" and (activation is not None or heads is not None):
             raise ValueError("a fused activation or head split needs the op's output saved")
         folded_bias = fold_bias(bias, scale, shift) if bias is not None else None
-        y = _run_op(op, conv_args, x, fold_rows(weight, scale), folded_bias)
+        y = _run_op(op, x, fold_rows(weight, scale), folded_bias)
         ctx.op, ctx.keep, ctx.activation, ctx.heads = op, keep, activation, heads
         ctx.conv_args, ctx.x_shape = conv_args, x.shape
         ctx.has_shift, ctx.has_bias = shift is not None, bias is not None
@@ -262,7 +262,7 @@ class _FrozenOpSSF(torch.autograd.Function):
             grad_scale = sum_dy = None
         elif ctx.keep == "input":
             z_bias = bias.to(kept.dtype) if ctx.has_bias else None
-            z = _run_op(ctx.op, ctx.conv_args, kept, weight.to(kept.dtype), z_bias)
+            z = _run_op(ctx.op, kept, weight.to(kept.dtype), z_bias)
             sum_dy, grad_scale = _grad_sums(ctx.op, dy, z)
         elif ctx.heads is not None:  # autograd gives zeros for a q, k or v that was not used
             dy, (grad_scale, sum_dy) = qkv_backward(*grads, kept, scale, shift if ctx.has_shift else None)
@@ -292,7 +292,7 @@ def _grad_sums(op: str, dy: torch.Tensor, other: torch.Tensor) -> tuple[torch.Te
     return dy.sum(dims, dtype=torch.float32), (dy * other).sum(dims, dtype=torch.float32)
 
 
-def _run_op(op: str, conv_args: tuple | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+def _run_op(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     if op == "linear":
         return F.linear(x, weight, bias)
     return patchify_linear(x, weight, bias)  # the fused path's convs are patchify convs (``_is_patchify``)
