@@ -136,13 +136,10 @@ class FusedGeluMlp(TimmMlp):
         return self.drop2(self.fc2(self.norm(self.drop1(self.fc1.fast_forward_gelu(x)))))
 
     def _mixed(self, x: torch.Tensor) -> bool:
-        index = self.fc1.routing.index
         return (
             self.fused_mixed
-            and isinstance(index, torch.Tensor)
             and x.ndim == 3
-            and index.shape[0] == x.shape[0]
-            and not torch.is_grad_enabled()
+            and self.fc1.routing.mixed_inference(x)
             and _is_exact_gelu(self.act)
             and mixed_gelu_available(x, linear_output_dtype(x))
         )

@@ -283,16 +283,14 @@ class MixedTaskAttention(TimmAttention):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # timm's optional arguments (attn_mask, is_causal) differ across versions; any that is set takes timm's path.
         site = self.qkv
-        index = site.routing.index
         plain_call = not any(a is not None and a is not False for a in (*args, *kwargs.values()))
         if (
             self.fused_mixed
             and plain_call
-            and isinstance(index, torch.Tensor)
-            and index.shape[0] == x.shape[0]
-            and not torch.is_grad_enabled()
+            and site.routing.mixed_inference(x)
             and mixed_attention_available(x, linear_output_dtype(x))
         ):
+            index = site.routing.index
             out = mixed_ssf_attention(site.base_layer(x), site.ssf_scale, site.ssf_shift, index, self.num_heads)
             return self.proj_drop(self.proj(out))
         if plain_call and self._one_op_qkv(x):

@@ -38,6 +38,12 @@ class TaskRouting:
     def __init__(self) -> None:
         self.index: int | torch.Tensor | None = None
 
+    def mixed_inference(self, x: torch.Tensor) -> bool:
+        """A mixed batch (one task index per sample of ``x``) run without autograd: where the mixed-batch kernels
+        (``mixed_attention``, ``mixed_gelu``) may take over."""
+        index = self.index
+        return isinstance(index, torch.Tensor) and index.shape[0] == x.shape[0] and not torch.is_grad_enabled()
+
 
 class SSFLayer(nn.Module):
     """``y = γ[task] ⊙ base_layer(x) + β[task]`` along the layer's channel axis.
