@@ -6,8 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ssf_tasks import service
-
 from .state import engine_of, print_table, stdout
 
 __all__ = ["app"]
@@ -30,7 +28,9 @@ def add(
     ] = None,
 ) -> None:
     """Register a backbone; its weights are fingerprinted so tasks are never loaded onto other weights."""
-    record = service.add_backbone(engine_of(ctx), name, model, weights)
+    from ssf_tasks.catalog import add_backbone
+
+    record = add_backbone(engine_of(ctx), name, model, weights)
     stdout.print(
         f"added backbone '{record.name}': {record.timm_name}, weights {record.weights_source}, "
         f"{record.num_features} features, fingerprint {record.fingerprint[:12]}"
@@ -43,7 +43,9 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
 ) -> None:
     """List registered backbones."""
-    records = service.list_backbones(engine_of(ctx))
+    from ssf_tasks.catalog import list_backbones
+
+    records = list_backbones(engine_of(ctx))
     if as_json:
         for r in records:
             typer.echo(r.model_dump_json())

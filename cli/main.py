@@ -12,6 +12,7 @@ Set ``SSF_TASKS_DEBUG=1`` to get the traceback instead.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,8 +20,6 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from ssf_tasks import service
-from ssf_tasks.data import read_predict_manifest
 from ssf_tasks.errors import SSFTasksError
 
 from . import backbone, task
@@ -30,6 +29,18 @@ __all__ = ["app", "main"]
 
 DEBUG_ENV = "SSF_TASKS_DEBUG"
 
+# The library's errors name the argument they are about as Python spells it; here they name the flag.
+FIELD_FLAGS = {
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "init_from": "--init-from",
+    "lr": "--lr",
+    "new_version": "--new-version",
+    "precision": "--precision",
+    "top_k": "--top-k",
+    "weights": "--weights",
+}
+
 
 def _one_line(error: BaseException) -> str:
     if isinstance(error, ValidationError):  # options checked by a pydantic model, e.g. TrainConfig
@@ -38,6 +49,9 @@ def _one_line(error: BaseException) -> str:
         return f"invalid {where}: {first['msg']}"
     text = error.format_message() if isinstance(error, typer.TyperException) else str(error)
     text = text.strip() or type(error).__name__
+    field = getattr(error, "field", None)
+    if field in FIELD_FLAGS:
+        text = re.sub(rf"\b{field}\b", FIELD_FLAGS[field], text)
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.strerror}: {error.filename}"
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -124,28 +138,38 @@ def predict_command(
         ),
     ] = None,
     precision: Annotated[
-        service.Precision,
+        Literal["fp32", "bf16"],
         typer.Option("--precision", help="fp32, or bf16 autocast (scores differ by about 1e-2)."),
     ] = "fp32",
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Image decode threads (default: one per core).")
+    ] = None,
 ) -> None:
     """Predict a manifest mixing any registered tasks, in batches of mixed tasks through one backbone pass."""
+    from ssf_tasks.data import read_predict_manifest
+    from ssf_tasks.engine import Predictor, folder_items
+    from ssf_tasks.predictions_csv import write_predictions
+
     if task_name is not None:
-        items = service.folder_items(source, task_name)
+        items = folder_items(source, task_name)
     else:
         if source.is_dir():
             raise SSFTasksError(f"{source} is a folder: pass --task NAME to predict a folder of images")
         items = read_predict_manifest(source)
-    predictions = service.predict(
-        engine_of(ctx),
-        items,
-        batch_size=batch_size,
+    engine = engine_of(ctx)
+    predictor = Predictor(
+        engine,
+        _known_tasks(engine, items, str(source)),
         device=device,
-        top_k=top_k,
-        source=str(source),
-        compile=compile_forward,
         precision=precision,
+        compile=compile_forward,
+        threads=threads,
     )
-    service.write_predictions(predictions, out, top_k=top_k)
+    try:
+        predictions = predictor.predict(items, batch_size=batch_size, top_k=top_k, source=str(source))
+    finally:
+        predictor.close()
+    write_predictions(predictions, out, top_k=top_k)
     tasks = sorted({p.task for p in predictions})
     stdout.print(f"wrote {len(predictions)} predictions ({', '.join(tasks)}) to {out}")
 
@@ -158,8 +182,26 @@ def export_command(
     version: Annotated[int | None, typer.Option("--version", min=1, help="Version (default: latest).")] = None,
 ) -> None:
     """Fold a task into a plain timm model (timm's pretrained format; no ssf_tasks needed to load it)."""
-    folder = service.export_task(engine_of(ctx), name, out, version=version)
+    from ssf_tasks.export import export_task
+
+    folder = export_task(engine_of(ctx), name, out, version=version)
     stdout.print(f"exported task '{name}' to {folder} (load with timm.create_model('local-dir:{folder}'))")
+
+
+def _known_tasks(engine: Any, items: list, source: str) -> list[str]:
+    """The manifest's tasks, after checking each is registered (the error names the first row that is not)."""
+    from sqlalchemy.orm import Session
+
+    from ssf_tasks import registry
+    from ssf_tasks.errors import TaskNotFoundError
+
+    with Session(engine) as s:
+        known = {r.name for r in registry.list_tasks(s)}
+    for row, (path, name) in enumerate(items, start=1):
+        if name not in known:
+            listing = ", ".join(sorted(known)) if known else "none"
+            raise TaskNotFoundError(f"{source} row {row} ({path}): unknown task '{name}'; known tasks: {listing}")
+    return sorted({name for _, name in items})
 
 
 def main() -> None:

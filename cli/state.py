@@ -6,12 +6,13 @@ The registry is opened on first use, so ``--help`` and usage errors never create
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from sqlalchemy import Engine
 
-from ssf_tasks.registry import default_registry_url, open_registry
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 __all__ = ["AppState", "engine_of", "print_table", "stderr", "stdout"]
 
@@ -29,6 +30,8 @@ class AppState:
     def engine(self) -> Engine:
         """The registry's engine, opened (and its schema checked) on first use."""
         if self._engine is None:
+            from ssf_tasks.registry import default_registry_url, open_registry
+
             self._engine = open_registry(self.registry_url or default_registry_url())
         return self._engine
 

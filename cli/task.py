@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ssf_tasks import service
-from ssf_tasks.config import TrainConfig
-from ssf_tasks.train import TrainProgress
+if TYPE_CHECKING:
+    from ssf_tasks.train import TrainProgress
+
 
 from .state import engine_of, print_table, stderr, stdout
 
@@ -102,6 +102,9 @@ def add(
     ] = False,
 ) -> None:
     """Train a task's γ/β and head on a frozen backbone and store it; nothing is stored unless training finishes."""
+    from ssf_tasks.config import TrainConfig
+    from ssf_tasks.training_job import train_and_store
+
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -117,7 +120,7 @@ def add(
         init_from=init_from,
     )
     with _ProgressBar(name) as bar:
-        record, result = service.train_and_store(
+        record, result = train_and_store(
             engine_of(ctx), name, backbone, data, config, new_version=new_version, progress=bar
         )
     stdout.print(
@@ -133,7 +136,9 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
 ) -> None:
     """List tasks (latest versions)."""
-    records = service.list_tasks(engine_of(ctx))
+    from ssf_tasks.catalog import list_tasks
+
+    records = list_tasks(engine_of(ctx))
     if as_json:
         for r in records:
             typer.echo(r.model_dump_json())
@@ -164,7 +169,9 @@ def show(
     version: Annotated[int | None, typer.Option("--version", min=1, help="Version (default: latest).")] = None,
 ) -> None:
     """Show one task version as JSON (classes, training config, metrics) and its versions."""
-    record, versions = service.show_task(engine_of(ctx), name, version)
+    from ssf_tasks.catalog import show_task
+
+    record, versions = show_task(engine_of(ctx), name, version)
     typer.echo(record.model_dump_json(indent=2))
     typer.echo(f"versions: {', '.join(map(str, versions))}")
 
@@ -176,7 +183,9 @@ def rm(
     version: Annotated[int | None, typer.Option("--version", min=1, help="Remove only this version.")] = None,
 ) -> None:
     """Remove a task (all versions) or one version of it."""
-    removed = service.remove_task(engine_of(ctx), name, version)
+    from ssf_tasks.catalog import remove_task
+
+    removed = remove_task(engine_of(ctx), name, version)
     what = f"version {version} of task" if version is not None else f"{removed} version(s) of task"
     stdout.print(f"removed {what} '{name}'")
 
@@ -195,7 +204,9 @@ def eval_(
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device")] = "auto",
 ) -> None:
     """Top-1 accuracy of a stored task on a dataset, with the transform it was trained with."""
-    top1, used, count = service.evaluate_task(
+    from ssf_tasks.engine import evaluate_task
+
+    top1, used, count = evaluate_task(
         engine_of(ctx), name, data, version=version, split=split, batch_size=batch_size, device=device
     )
     stdout.print(f"task '{name}' on {data} ({used}, {count} images): top-1 {_pct(top1)}")
@@ -209,7 +220,9 @@ def export_file(
     version: Annotated[int | None, typer.Option("--version", min=1)] = None,
 ) -> None:
     """Write a task to one portable file, to import into another registry."""
-    path = service.export_task_file(engine_of(ctx), name, out, version=version)
+    from ssf_tasks.taskfiles import export_task_file
+
+    path = export_task_file(engine_of(ctx), name, out, version=version)
     stdout.print(f"wrote task '{name}' to {path}")
 
 
@@ -222,5 +235,7 @@ def import_file(
     ] = False,
 ) -> None:
     """Add a task file to this registry; a backbone with the same weights must be registered here."""
-    record = service.import_task_file(engine_of(ctx), file, new_version=new_version)
+    from ssf_tasks.taskfiles import import_task_file
+
+    record = import_task_file(engine_of(ctx), file, new_version=new_version)
     stdout.print(f"imported task '{record.name}' version {record.version} onto backbone '{record.backbone}'")

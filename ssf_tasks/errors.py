@@ -28,7 +28,15 @@ __all__ = [
 
 
 class SSFTasksError(Exception):
-    """Base class: an error whose message is meant for the user as it is."""
+    """Base class: an error whose message is meant for the user as it is.
+
+    ``field`` names the argument the message is about (``new_version``, ``top_k``, ...), as the Python API spells
+    it; an interface (the CLI's flags, the server's JSON fields) may respell it in the message.
+    """
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
 
     def __str__(self) -> str:
         # KeyError quotes its message; every subclass shows the plain text instead.

@@ -13,28 +13,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .adapters import restore_timm_classes
 from .errors import FoldError
-from .fused_block import FusedBlockChain
-from .fused_mlp import FusedGeluMlp
-from .mixed_attention import MixedTaskAttention
-from .ssf import fold_bias, fold_rows
+from .kernels.frozen_op import fold_bias, fold_rows
 
 if TYPE_CHECKING:
     from .model import MultiTaskSSF
 
-__all__ = ["fold_task", "fold_error", "restore_timm_classes", "ADOPTED_CLASSES"]
-
-# The classes ``MultiTaskSSF`` gives to timm modules (by switching ``__class__``); each directly subclasses the
-# class it replaces, so keys and parameters stay timm's and the switch back is exact.
-ADOPTED_CLASSES = (MixedTaskAttention, FusedGeluMlp, FusedBlockChain)
-
-
-def restore_timm_classes(model: nn.Module, classes: tuple[type, ...] = ADOPTED_CLASSES) -> None:
-    """Give every module of one of ``classes`` (default: all of ssf-tasks' adopted classes) the class it
-    replaced; the folded, exported model is plain timm."""
-    for module in model.modules():
-        if type(module) in classes:
-            module.__class__ = type(module).__bases__[0]
+__all__ = ["fold_task", "fold_error"]
 
 
 def fold_task(model: MultiTaskSSF, name: str) -> nn.Module:

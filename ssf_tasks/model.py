@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .adapters import adopt_all, set_mixed_kernel
 from .errors import (
     BackboneError,
     BatchMismatchError,
@@ -22,9 +23,7 @@ from .errors import (
     StateDictMismatchError,
     TaskNotFoundError,
 )
-from .fused_block import adopt_fused_blocks
-from .fused_mlp import FusedGeluMlp, adopt_fused_mlp
-from .mixed_attention import MixedTaskAttention, adopt_mixed_attention
+from .fold import fold_task
 from .sites import find_sites
 from .ssf import SSFLayer, TaskRouting
 
@@ -70,9 +69,7 @@ class MultiTaskSSF(nn.Module):
         for spec in find_sites(backbone, include, exclude):
             backbone.set_submodule(spec.name, SSFLayer(spec.module, spec.rule, self.routing))
             self.site_names.append(spec.name)
-        adopt_mixed_attention(backbone)
-        adopt_fused_mlp(backbone)
-        adopt_fused_blocks(backbone)
+        self.adapted = adopt_all(backbone)
         weight = next(iter(backbone.parameters()))
         self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         factory = {"dtype": torch.float32, "device": weight.device}
@@ -126,17 +123,18 @@ class MultiTaskSSF(nn.Module):
         for site in self.sites:
             site.fast_path = enabled
 
+    def set_mixed_kernel(self, name: str, enabled: bool) -> None:
+        """An adapter's mixed-batch kernel on or off (on by default): ``"attention"``
+        (``ssf_tasks.kernels.mixed_attention``) or ``"gelu"`` (``ssf_tasks.kernels.mixed_gelu``)."""
+        set_mixed_kernel(self.backbone, name, enabled)
+
     def set_mixed_attention(self, enabled: bool) -> None:
-        """The fused mixed-batch attention kernel (``ssf_tasks.mixed_attention``) on or off (on by default)."""
-        for module in self.backbone.modules():
-            if isinstance(module, MixedTaskAttention):
-                module.fused_mixed = enabled
+        """``set_mixed_kernel("attention", enabled)``."""
+        self.set_mixed_kernel("attention", enabled)
 
     def set_mixed_gelu(self, enabled: bool) -> None:
-        """The mixed-batch kernel of ``fc1``'s SSF with GELU (``ssf_tasks.mixed_gelu``) on or off (on by default)."""
-        for module in self.backbone.modules():
-            if isinstance(module, FusedGeluMlp):
-                module.fused_mixed = enabled
+        """``set_mixed_kernel("gelu", enabled)``."""
+        self.set_mixed_kernel("gelu", enabled)
 
     def train(self, mode: bool = True) -> MultiTaskSSF:
         """Switch heads/SSF to training; the frozen backbone stays in eval mode (BatchNorm statistics fixed)."""
@@ -377,8 +375,6 @@ class MultiTaskSSF(nn.Module):
 
     def fold(self, name: str) -> nn.Module:
         """A plain timm model of the backbone's class with task ``name`` folded in (see :mod:`ssf_tasks.fold`)."""
-        from .fold import fold_task
-
         return fold_task(self, name)
 
 

@@ -71,6 +71,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "add_backbone",
     "add_task_version",
+    "check_backbone_addable",
+    "check_task_addable",
     "check_writable",
     "default_registry_url",
     "get_backbone",
@@ -545,11 +547,43 @@ def _lock_or_create_task(s: Session, name: str, *, new_version: bool) -> _TaskRo
             # Another process created it between our look and our insert; it exists now, so lock it.
             task = s.scalars(locked).one()
     if not new_version:
-        raise DuplicateTaskError(
-            f"task '{name}' already exists (latest version {task.last_version}); "
-            "pass --new-version (new_version=True) to add a version, or choose another name"
-        )
+        raise _duplicate_task(name, task.last_version)
     return task
+
+
+def _duplicate_task(name: str, last_version: int) -> DuplicateTaskError:
+    return DuplicateTaskError(
+        f"task '{name}' already exists (latest version {last_version}); "
+        "set new_version to add a version, or choose another name",
+        field="new_version",
+    )
+
+
+def check_task_addable(s: Session, name: str, *, new_version: bool) -> None:
+    """Raise now what ``add_task_version`` would raise at the end for ``name``: fail before training, not after.
+
+    Raises:
+        DuplicateTaskError: The task exists and ``new_version`` is false.
+    """
+    validate_name("task", name)
+    if new_version:
+        return
+    with _db_errors(f"looking up task '{name}'"):
+        last = s.scalars(select(_TaskRow.last_version).where(_TaskRow.name == name)).first()
+    if last is not None:
+        raise _duplicate_task(name, last)
+
+
+def check_backbone_addable(s: Session, name: str) -> None:
+    """Raise now what ``add_backbone`` would raise for ``name``, before its weights are loaded and hashed.
+
+    Raises:
+        BackboneError: The name is taken.
+    """
+    validate_name("backbone", name)
+    with _db_errors(f"looking up backbone '{name}'"):
+        if s.get(_BackboneRow, name) is not None:
+            raise BackboneError(f"backbone '{name}' already exists")
 
 
 def get_task(s: Session, name: str, version: int | None = None) -> TaskRecord:

@@ -56,7 +56,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for, but no CUDA device is available")
+        raise TrainingError("device cuda was asked for, but no CUDA device is available", field="device")
     return torch.device(device)
 
 
@@ -198,7 +198,8 @@ def _train_epoch(model, name, loader, optimizer, scheduler, config, device, epoc
         if not math.isfinite(loss.item()):
             raise TrainingError(
                 f"training of {name!r} stopped: the loss became {loss.item()} at epoch {epoch}, step {step + 1} "
-                f"(try a lower --lr); nothing was stored"
+                f"(try a lower lr); nothing was stored",
+                field="lr",
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

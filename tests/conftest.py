@@ -61,6 +61,32 @@ def assets() -> Path:
     return ASSETS
 
 
+def write_image_folder(
+    root: Path, classes: list[str], per_split: dict[str, int], *, size: int = 40, seed: int = 0
+) -> list[Path]:
+    """Real JPEG files in ImageFolder layout (``root/<split>/<class>/*.jpg``): each class a colour of its own under
+    noise and a random square, so that a few steps of training separate them. Returns every file written."""
+    from PIL import Image, ImageDraw
+
+    generator = torch.Generator().manual_seed(seed)
+    written = []
+    for split, count in per_split.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            base = torch.tensor([(c * 97) % 256, (c * 53 + 80) % 256, (c * 151 + 160) % 256], dtype=torch.float32)
+            for i in range(count):
+                noise = torch.randn(size, size, 3, generator=generator) * 30
+                pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
+                image = Image.fromarray(pixels, "RGB")
+                x, y = (int(v) for v in torch.randint(0, size // 2, (2,), generator=generator))
+                ImageDraw.Draw(image).rectangle([x, y, x + size // 3, y + size // 3], fill=(255 - c * 60, 40, 90))
+                path = folder / f"{split}_{name}_{i}.jpg"
+                image.save(path, quality=90)
+                written.append(path)
+    return written
+
+
 def run_in_triton_interpreter(code: str):
     """Run ``code`` in a child Python with Triton's interpreter on (it must be on before a kernel is defined) and
     return the JSON its last printed line holds."""

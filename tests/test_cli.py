@@ -20,8 +20,10 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from conftest import write_image_folder
 from ssf_tasks import registry
 from ssf_tasks.errors import SSFTasksError
+from ssf_tasks.taskfiles import task_tensors
 from ssf_tasks_cli.main import app
 
 CLASSES = ["airplane", "frog", "ship"]
@@ -33,17 +35,12 @@ TRAIN_ARGS = ["--epochs", "2", "--batch-size", "6", "--lr", "0.01", "--input-siz
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, assets) -> Path:
-    """Local test_resnet weights and a 3-class CIFAR-10 subset in ImageFolder layout."""
+def workdir(tmp_path_factory) -> Path:
+    """Local test_resnet weights and a 3-class dataset of JPEG files in ImageFolder layout."""
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     save_file(timm.create_model("test_resnet").state_dict(), root / "w.safetensors")
-    for split, count in PER_SPLIT.items():
-        for name in CLASSES:
-            folder = root / "data" / split / name
-            folder.mkdir(parents=True)
-            for image in sorted((assets / "datasets" / "cifar10" / split / name).glob("*.jpg"))[:count]:
-                shutil.copy(image, folder / image.name)
+    write_image_folder(root / "data", CLASSES, PER_SPLIT)
     return root
 
 
@@ -149,19 +146,19 @@ def test_training_is_reproducible(url, workdir):
 
 def test_init_from_copies_gamma_beta(url, workdir, monkeypatch):
     seen = {}
-    import ssf_tasks.service as service
+    import ssf_tasks.training_job as training_job
 
-    real = service.train_task
+    real = training_job.train_task
 
     def spy(model, name, *args, **kwargs):
         seen.update(model.task_state_dict(name))
         return real(model, name, *args, **kwargs)
 
-    monkeypatch.setattr(service, "train_task", spy)
+    monkeypatch.setattr(training_job, "train_task", spy)
     ok(url, "task", "add", "cont", "--backbone", "tr", "--data", workdir / "data", "--init-from", "cifar", *TRAIN_ARGS)
     engine = registry.open_registry(url)
     with Session(engine) as s:
-        source = service._task_tensors(registry.get_task_payload(s, "cifar"), "cifar")
+        source = task_tensors(registry.get_task_payload(s, "cifar"), "cifar")
         record = registry.get_task(s, "cont")
     engine.dispose()
     assert record.train_config.init_from == "cifar"
@@ -312,12 +309,12 @@ def test_unwritable_registry(tmp_path):
 
 
 def test_read_only_registry_refuses_task_add_before_training(url, workdir, monkeypatch):
-    import ssf_tasks.service as service
+    import ssf_tasks.training_job as training_job
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("training started although the result could not be stored")
 
-    monkeypatch.setattr(service, "train_task", must_not_train)
+    monkeypatch.setattr(training_job, "train_task", must_not_train)
     before = snapshot(url)
     read_only = f"sqlite:///file:{url.removeprefix('sqlite:///')}?mode=ro&uri=true"
     result = invoke(read_only, "task", "add", "ro", "--backbone", "tr", "--data", workdir / "data", *TRAIN_ARGS)
@@ -365,9 +362,9 @@ def test_nan_loss_stores_nothing(url, workdir):
 
 
 def test_ctrl_c_stores_nothing(url, workdir, monkeypatch):
-    import ssf_tasks.service as service
+    import ssf_tasks.training_job as training_job
 
-    real = service.train_task
+    real = training_job.train_task
 
     def interrupted_after_two_steps(*args, progress=None, **kwargs):
         def report(p):
@@ -378,7 +375,7 @@ def test_ctrl_c_stores_nothing(url, workdir, monkeypatch):
 
         return real(*args, progress=report, **kwargs)
 
-    monkeypatch.setattr(service, "train_task", interrupted_after_two_steps)
+    monkeypatch.setattr(training_job, "train_task", interrupted_after_two_steps)
     before = snapshot(url)
     result = invoke(url, "task", "add", "stopped", "--backbone", "tr", "--data", workdir / "data", *TRAIN_ARGS)
     assert_clean_error(result, "interrupted", code=130)

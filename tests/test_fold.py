@@ -110,7 +110,7 @@ def test_real_vit_tiny_imagenet_head_reproduces_backbone_predictions(assets):
 def test_vit_attention_takes_the_mixed_kernel_class_and_the_fold_gives_timm_back():
     from timm.layers.attention import Attention
 
-    from ssf_tasks.mixed_attention import MixedTaskAttention
+    from ssf_tasks.adapters.vit_attention import MixedTaskAttention
 
     backbone = timm.create_model("test_vit", num_classes=0)
     keys = set(backbone.state_dict())

@@ -142,16 +142,16 @@ def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path, monkeyp
     ok("task", "add", "colours2", "--backbone", "tv", "--data", tmp_path / "data", "--epochs", "1", "--device", "cuda")
     mixed = tmp_path / "mixed.csv"
     mixed.write_text("path,task\n" + "".join(f"{p},{('colours', 'colours2')[i % 2]}\n" for i, p in enumerate(images)))
-    from ssf_tasks import mixed_attention
+    from ssf_tasks.adapters import vit_attention
 
-    kernel_calls, kernel = {"fp32": 0, "bf16": 0}, mixed_attention.mixed_ssf_attention
+    kernel_calls, kernel = {"fp32": 0, "bf16": 0}, vit_attention.mixed_ssf_attention
     for precision in ("fp32", "bf16"):
 
         def counted(*args, precision=precision):
             kernel_calls[precision] += 1
             return kernel(*args)
 
-        monkeypatch.setattr(mixed_attention, "mixed_ssf_attention", counted)
+        monkeypatch.setattr(vit_attention, "mixed_ssf_attention", counted)
         args = ("--device", "cuda", "--batch-size", "6", "--no-compile", "--precision", precision)
         ok("predict", mixed, "--out", tmp_path / f"{precision}.csv", *args)
     assert kernel_calls["fp32"] == 0 and kernel_calls["bf16"] > 0, kernel_calls  # the kernel takes half floats only
@@ -167,7 +167,7 @@ def test_cli_trains_on_cuda_and_compiled_predict_matches_eager(tmp_path, monkeyp
 
 @pytest.mark.parametrize(("tokens", "heads", "head_dim"), [(197, 6, 64), (50, 4, 32), (17, 2, 128)])
 def test_mixed_attention_kernel_matches_ssf_then_attention(tokens, heads, head_dim):
-    from ssf_tasks.mixed_attention import mixed_ssf_attention, mixed_ssf_attention_reference
+    from ssf_tasks.kernels.mixed_attention import mixed_ssf_attention, mixed_ssf_attention_reference
 
     torch.manual_seed(tokens)
     width = 3 * heads * head_dim
@@ -183,7 +183,7 @@ def test_mixed_attention_kernel_matches_ssf_then_attention(tokens, heads, head_d
 
 
 def test_attention_kernel_takes_pointer_loads_where_tma_cannot_and_both_are_right():
-    from ssf_tasks.mixed_attention import (
+    from ssf_tasks.kernels.mixed_attention import (
         TensorDescriptor,
         mixed_ssf_attention,
         mixed_ssf_attention_reference,
@@ -208,7 +208,7 @@ def test_attention_kernel_takes_pointer_loads_where_tma_cannot_and_both_are_righ
 
 @pytest.mark.parametrize("shape", [(256, 197, 3072), (3, 197, 1536), (5, 50, 200)])
 def test_mixed_gelu_kernel_matches_the_reference(shape):
-    from ssf_tasks.mixed_gelu import _mixed_ssf_gelu_op, mixed_ssf_gelu_reference
+    from ssf_tasks.kernels.mixed_gelu import _mixed_ssf_gelu_op, mixed_ssf_gelu_reference
 
     torch.manual_seed(0)
     batch, _, channels = shape
@@ -288,15 +288,15 @@ def test_compiled_fused_training_matches_eager_gradients():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gelu_backward_sums_kernel_matches_fp64(dtype):
     """The fused fc1 backward kernel at ViT-B's training shape (and a ragged one) against fp64."""
-    from ssf_tasks import fused_mlp
-    from ssf_tasks.fused_mlp import _gelu_backward_sums_torch
+    from ssf_tasks.kernels import gelu_backward
+    from ssf_tasks.kernels.gelu_backward import _gelu_backward_sums_torch
 
-    assert fused_mlp.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
+    assert gelu_backward.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
     torch.manual_seed(0)
     for shape in [(64, 197, 3072), (3, 70, 200)]:
         dout = torch.randn(shape, device="cuda").to(dtype)
         y = (2 * torch.randn(shape, device="cuda")).to(dtype)
-        dy, sum_dy, sum_dy_y = fused_mlp._gelu_backward_sums_op(dout, y)
+        dy, sum_dy, sum_dy_y = gelu_backward._gelu_backward_sums_op(dout, y)
         expected = _gelu_backward_sums_torch(dout.double(), y.double())
         tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the rounding of dy itself
         for got, want in zip((dy, sum_dy, sum_dy_y), expected, strict=True):
@@ -309,9 +309,9 @@ def test_gelu_backward_sums_kernel_matches_fp64(dtype):
 def test_residual_norm_backward_kernel_matches_fp64(stream_dtype):
     """The residual stream's backward kernel at ViT-B's training shape (and a ragged one) against fp64: the
     norm's output gradient in bf16, the stream in fp32 (bf16 autocast) or bf16 (a bf16 model)."""
-    from ssf_tasks import fused_block
+    from ssf_tasks.kernels import residual_norm
 
-    assert fused_block.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
+    assert residual_norm.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
     torch.manual_seed(0)
     for shape in [(64, 197, 768), (3, 70, 200)]:
         d_h = torch.randn(shape, device="cuda").bfloat16()
@@ -322,25 +322,25 @@ def test_residual_norm_backward_kernel_matches_fp64(stream_dtype):
         norm_affine, lin_affine, next_scale = vectors[:3], vectors[3:5], vectors[5]
         _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.float(), [shape[-1]], None, None, 1e-6)
         kept = (x_out, x_in, mean, rstd)
-        dx, dy, grads = fused_block.residual_norm_backward(
+        dx, dy, grads = residual_norm.residual_norm_backward(
             d_h, d_out, *kept, norm_affine, lin_affine, next_scale, torch.bfloat16
         )
         wide = [t.double() for t in (d_h, d_out, *kept)]
         w, b, norm_scale, lin_scale, lin_shift, next_wide = [v.double() for v in vectors]
-        want_dx, _, sums = fused_block._residual_norm_backward_torch(*wide, w * norm_scale, torch.float64)
-        expected = fused_block._gradients_from_sums(sums, w, b, lin_scale, lin_shift, next_wide)
+        want_dx, _, sums = residual_norm._residual_norm_backward_torch(*wide, w * norm_scale, torch.float64)
+        expected = residual_norm._gradients_from_sums(sums, w, b, lin_scale, lin_shift, next_wide)
         assert dy.dtype == torch.bfloat16 and dx.dtype == stream_dtype
         tolerance = 1e-5 if stream_dtype == torch.float32 else 1e-2  # bf16: the rounding of dx itself
         for got, want in ((dx, want_dx), (dy, want_dx), *zip(grads, expected, strict=True)):
             assert (got.double() - want).abs().max() <= max(tolerance, 1e-2 * (got is dy)) * want.abs().max()
         # without x_in (never read), as every op of the chain but the first runs it; and without a next op
-        _, _, grads = fused_block.residual_norm_backward(
+        _, _, grads = residual_norm.residual_norm_backward(
             d_h, d_out, x_out, None, *kept[2:], norm_affine, lin_affine, None, torch.bfloat16
         )
-        _, _, sums = fused_block._residual_norm_backward_torch(
+        _, _, sums = residual_norm._residual_norm_backward_torch(
             *wide[:3], None, *wide[4:], w * norm_scale, torch.float64
         )
-        expected = fused_block._gradients_from_sums(sums, w, b, lin_scale, lin_shift, None)
+        expected = residual_norm._gradients_from_sums(sums, w, b, lin_scale, lin_shift, None)
         for got, want in zip(grads[:4], expected[:4], strict=True):
             assert (got.double() - want).abs().max() <= tolerance * want.abs().max()
         assert not grads[4].any()
@@ -349,9 +349,9 @@ def test_residual_norm_backward_kernel_matches_fp64(stream_dtype):
 def test_qkv_backward_kernel_matches_fp64_on_sdpa_gradients():
     """The qkv backward kernel at ViT-B's training shape (and a ragged one), fed the q/k/v gradients SDPA's
     backward gives (their strides as SDPA makes them), against fp64."""
-    from ssf_tasks import fused_qkv
+    from ssf_tasks.kernels import qkv_backward as qkv_kernel
 
-    assert fused_qkv.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
+    assert qkv_kernel.triton is not None, "the kernel is not available (Triton or torch.library.triton_op missing)"
     torch.manual_seed(0)
     for batch, tokens, heads, head_dim in [(64, 197, 12, 64), (3, 70, 2, 32)]:
         y = torch.randn(batch, tokens, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -360,9 +360,9 @@ def test_qkv_backward_kernel_matches_fp64_on_sdpa_gradients():
         grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         scale = 1 + 0.3 * torch.randn(y.shape[-1], device="cuda")
         shift = torch.randn(y.shape[-1], device="cuda")
-        dy, site_grads = fused_qkv.qkv_backward(*grads, y.detach(), scale, shift)
-        dy_expected, sums = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in grads], y.detach().double())
-        expected = fused_qkv._gradients_from_sums(sums, scale.double(), shift.double())
+        dy, site_grads = qkv_kernel.qkv_backward(*grads, y.detach(), scale, shift)
+        dy_expected, sums = qkv_kernel._qkv_backward_sums_torch(*[g.double() for g in grads], y.detach().double())
+        expected = qkv_kernel._gradients_from_sums(sums, scale.double(), shift.double())
         assert dy.dtype == torch.bfloat16 and torch.equal(dy.double(), dy_expected)  # a copy: exact
         for got, want in zip(site_grads.double(), expected, strict=True):  # dγ, dβ: each against its own scale
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 CHECK = """
 import json
 import torch
-from ssf_tasks.mixed_attention import _CONFIG, _launch, mixed_ssf_attention, mixed_ssf_attention_reference
+from ssf_tasks.kernels.mixed_attention import _CONFIG, _launch, mixed_ssf_attention, mixed_ssf_attention_reference
 
 torch.manual_seed(0)
 errors = {}
@@ -50,7 +50,7 @@ def test_kernel_matches_ssf_then_attention_in_the_interpreter():
     [(197, True, 16), (64, True, 0), (50, True, 32), (13, True, 16), (197, False, 32), (64, False, 0)],
 )
 def test_last_key_block_is_as_short_as_the_kernel_allows(tokens, short_tail, keys):
-    from ssf_tasks.mixed_attention import _CONFIG, _tail_keys
+    from ssf_tasks.kernels.mixed_attention import _CONFIG, _tail_keys
 
     assert _CONFIG["BLOCK_N"] == 32 and _CONFIG["short_tail"]
     assert _tail_keys(tokens, {**_CONFIG, "short_tail": short_tail}) == keys

@@ -18,7 +18,7 @@ from ssf_tasks import (
     StateDictMismatchError,
     TaskNotFoundError,
 )
-from ssf_tasks.ssf import patchify_linear
+from ssf_tasks.kernels.frozen_op import patchify_linear
 
 
 def _model_with_tasks(family: str, sigma: float = 0.1) -> MultiTaskSSF:
@@ -249,7 +249,7 @@ def test_fast_path_matches_eager_outputs_and_gradients(family, keep_input):
 
     ``keep_input``: None keeps each site's own choice (ViT's ``proj`` keeps its input off the block chain, and
     nothing on it); True/False force every site off the chain to recompute ``z`` from its input, or to read it
-    off its output. For ViT this runs the block chain of ``fused_block``.
+    off its output. For ViT this runs the block chain of ``adapters.vit_block``.
     """
     results = {}
     for fast in (False, True):
@@ -332,7 +332,8 @@ def test_mixed_attention_path_equals_timm_attention(monkeypatch):
     by that reference, so what is tested is everything around it: which modules take the path, with which
     tables, rows and heads, and the output projection after it.
     """
-    from ssf_tasks import mixed_attention
+    from ssf_tasks.adapters import vit_attention
+    from ssf_tasks.kernels import mixed_attention
 
     calls = []
 
@@ -340,8 +341,8 @@ def test_mixed_attention_path_equals_timm_attention(monkeypatch):
         calls.append(num_heads)
         return mixed_attention.mixed_ssf_attention_reference(qkv, scale_table, shift_table, task_rows, num_heads)
 
-    monkeypatch.setattr(mixed_attention, "mixed_attention_available", lambda x, dtype=None: True)
-    monkeypatch.setattr(mixed_attention, "mixed_ssf_attention", reference)
+    monkeypatch.setattr(vit_attention, "mixed_attention_available", lambda x, dtype=None: True)
+    monkeypatch.setattr(vit_attention, "mixed_ssf_attention", reference)
     model = _model_with_tasks("vit", sigma=0.3)
     images = make_images("vit")
     tasks = torch.tensor([2, 0, 2, 1][: images.shape[0]], device=images.device)
@@ -366,7 +367,7 @@ def test_graphed_forward_needs_cuda_inputs():
 
 def test_mixed_attention_sees_the_dtype_autocast_gives_the_qkv_projection():
     """Under autocast, LayerNorm hands attention fp32 but qkv comes out in bf16: the kernel is judged on the latter."""
-    from ssf_tasks.mixed_attention import linear_output_dtype
+    from ssf_tasks.kernels.mixed_attention import linear_output_dtype
 
     x = torch.zeros(2, 4)
     assert linear_output_dtype(x) == torch.float32

@@ -1,40 +1,26 @@
-"""Training a ViT's residual stream: each LayerNorm's backward also takes the γ/β gradients of the Linear before it.
+"""A residual add and a LayerNorm site as one op whose backward also takes the γ/β gradients of the Linear before it.
 
-Why: in the fused training path (``ssf._FrozenOpSSF``) the gradients of a Linear site are two column sums over
+Why: on the fused training path (``frozen_op.FrozenOpSSF``) the gradients of a Linear site are two column sums over
 every row of its output ``y`` and of ``dy``. For ``proj`` and ``fc2`` of a ViT block, ``dy`` is the residual
-stream's gradient, which the next LayerNorm's backward writes; left to torch.compile the sums are separate
-passes that read ``dy`` again, plus a GEMM that recomputes ``proj``'s output (BENCHMARKS.md: 0.8 ms of a 19 ms
-step on ViT-B), and each LayerNorm site's own sums end in an eager reduction of their partials (0.7 ms). Here
-one op does the residual add and the LayerNorm with its SSF folded in (``x_out = x_in + y``,
-``h = LN(x_out) ⊙ w' + b'``), and its backward is one pass (a Triton kernel on CUDA) that writes the residual
-gradient and keeps the column sums that give the LayerNorm site's γ/β gradients and the Linear site's, and forms
-those gradients itself (``kernel_support.finished_last``). The Linear's output need not be kept: it is
-``x_out - x_in``, two residual-stream tensors that the LayerNorms keep anyway. Nor need ``x_in`` be read but by
-the chain's first op: the op before gives ``Σ dx ⊙ x_in`` from its own pass (see ``_ResidualNormSSF``), so the
-kernel reads as many bytes as a plain LayerNorm backward. On an H200 this took the SSF step from 0.79× to 0.70×
-of full fine-tuning's time with CUDA graphs (BENCHMARKS.md; ``qkv`` as one op did part of that).
-
-``FusedBlockChain`` runs a ViT's ``blocks`` that way on the fused path (one task per batch); block ``l``'s
-``fc2`` output is added to the residual stream by block ``l + 1``'s ``norm1``, so the chain carries it over.
-Every other case is timm's own forward.
+stream's gradient, which the next LayerNorm's backward writes; left to torch.compile the sums are separate passes
+that read ``dy`` again, plus a GEMM that recomputes ``proj``'s output, and each LayerNorm site's own sums end in an
+eager reduction of their partials. Here one op does the residual add and the LayerNorm with its SSF folded in
+(``x_out = x_in + y``, ``h = LN(x_out) ⊙ w' + b'``), and its backward is one pass (a Triton kernel on CUDA) that
+writes the residual gradient and keeps the column sums that give the LayerNorm site's γ/β gradients and the Linear
+site's, and forms those gradients itself (``triton_support.finished_last``). The Linear's output need not be kept:
+it is ``x_out - x_in``, two residual-stream tensors that the LayerNorms keep anyway. Nor need ``x_in`` be read but
+by a chain's first op: the op before gives ``Σ dx ⊙ x_in`` from its own pass (see ``ResidualNormSSF``), so the
+kernel reads as many bytes as a plain LayerNorm backward. The ViT block adapter (``adapters.vit_block``) chains them.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import Mlp as TimmMlp
-from timm.models.vision_transformer import Block as TimmBlock
-from torch import nn
 
-from .fused_mlp import FusedGeluMlp
-from .kernel_support import finished_last, linear_site_gradients, row_chunks, tl, triton
-from .mixed_attention import MixedTaskAttention, linear_output_dtype
+from .mixed_attention import linear_output_dtype
+from .triton_support import device_programs, finished_last, linear_site_gradients, row_chunks, tl, triton
 
-__all__ = [
-    "FusedBlockChain",
-    "adopt_fused_blocks",
-    "residual_norm_backward",
-]
+__all__ = ["ResidualNormSSF", "ResidualSSF", "residual_norm_backward"]
 
 
 def residual_norm_backward(
@@ -50,19 +36,19 @@ def residual_norm_backward(
     y_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``x_out = x_in + y; h = LN(x_out) ⊙ (w ⊙ γ_n) + (b ⊙ γ_n + β_n)`` (normalised over the last
-    axis), where ``y`` came out of a Linear site with ``γ_l``/``β_l`` folded in (see ``_ResidualNormSSF``).
+    axis), where ``y`` came out of a Linear site with ``γ_l``/``β_l`` folded in (see ``ResidualNormSSF``).
 
     ``d_h`` and ``d_out`` are the gradients of ``h`` and of ``x_out`` (the residual stream going on); ``mean``
     and ``rstd`` are the norm's statistics per row, as its forward saved them; ``norm_affine`` is
     ``(w, b, γ_n)``, ``lin_affine`` is ``(γ_l, β_l)``. Returns ``dx``, the gradient of ``x_in`` (in ``x_out``'s
     dtype), the same values in ``y_dtype`` as a tensor of their own (the gradient of ``y``, which the Linear
-    before takes; never an alias of ``dx``, see ``_ResidualSSF.backward``), and the fp32 gradients ``[5, C]``:
+    before takes; never an alias of ``dx``, see ``ResidualSSF.backward``), and the fp32 gradients ``[5, C]``:
     ``dγ_n``, ``dβ_n``, ``dγ_l``, ``dβ_l``, and ``-Σ d_out ⊙ x_out / next_scale``, the share of the next op's
     ``γ_l`` gradient that this op's pass gives (zeros without ``next_scale``). They come from five column sums
     over every row (``_residual_norm_backward_torch``), taken over ``dx`` as returned (rounded to ``x_out``'s
     dtype). Without ``x_in`` (not read at all), ``dγ_l`` lacks ``-Σ dx ⊙ x_in / γ_l``: the op before, whose
     output ``x_in`` is, gives it as its fifth row. On CUDA the sums are added with atomics, so their order, and
-    the gradients' last bits, vary from run to run (see ``kernel_support.finished_last``).
+    the gradients' last bits, vary from run to run (see ``triton_support.finished_last``).
     """
     rows = x_out.numel() // max(x_out.shape[-1], 1)
     stream = (d_h, d_out, x_out) if x_in is None else (d_h, d_out, x_out, x_in)
@@ -228,9 +214,9 @@ if triton is not None:
             else:
                 tl.store(out + 4 * channels, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=column_ok)
 
-    # Best of 27 tiles timed on an H200 at ViT-B's shape, [64·197, 768] (residual_norm_kernel_sweep2_session7_h200.txt).
+    # The best of a tile sweep at ViT-B's shape, [64·197, 768] (``ssf-tasks bench kernel residual-norm``).
     _BLOCK_R, _WARPS, _STAGES = 4, 4, 1
-    _PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
+    _PROGRAMS_PER_SM = 2
 
     # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included).
     @torch.library.triton_op("ssf_tasks::residual_norm_backward", mutates_args=())
@@ -253,7 +239,7 @@ if triton is not None:
         ``residual_norm_backward``)."""
         channels = x_out.shape[-1]
         rows = x_out.numel() // channels
-        chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, _PROGRAMS)
+        chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, device_programs(x_out.device, _PROGRAMS_PER_SM))
         dx = torch.empty_like(x_out)
         dy = torch.empty_like(x_out, dtype=y_dtype)
         sums = torch.zeros(5 * channels + 1, device=x_out.device, dtype=torch.float32)  # then the finished count
@@ -269,8 +255,7 @@ if triton is not None:
         return dx, dy, grads
 
 
-# ---------------------------------------------------------------------------------------------- the two ops
-class _ResidualNormSSF(torch.autograd.Function):
+class ResidualNormSSF(torch.autograd.Function):
     """``x_out = x_in + y`` and ``h = LN(x_out) ⊙ (w ⊙ γ_n) + (b ⊙ γ_n + β_n)``, where ``y`` came out of a Linear
     site with ``γ_l``/``β_l`` folded in (``SSFLayer.fast_forward_sums_elsewhere``, which leaves their gradients
     here). Saves ``x_out`` and the norm's statistics: ``z = (y - β_l) / γ_l`` with ``y = x_out - x_in``, so
@@ -329,7 +314,7 @@ class _ResidualNormSSF(torch.autograd.Function):
         )
 
 
-class _ResidualSSF(torch.autograd.Function):
+class ResidualSSF(torch.autograd.Function):
     """``x_out = x_in + y`` for the last block's ``fc2`` (no LayerNorm follows inside the chain)."""
 
     @staticmethod
@@ -352,95 +337,3 @@ class _ResidualSSF(torch.autograd.Function):
         # the GPU, found in fp32).
         d_y = d_out.to(ctx.y_dtype, copy=True)
         return d_out.to(ctx.x_in_dtype), d_y, grad_lin_scale.to(dtype), sum_dx.to(dtype)
-
-
-def _residual_norm(x, y, linear_site, norm_site, read_x_in: bool, next_site: nn.Module | None):
-    """The op for ``x + y`` then ``norm_site``; ``next_site`` is the Linear whose op takes this op's output as its
-    ``x_in`` without reading it (see ``_ResidualNormSSF``), None if there is none."""
-    norm = norm_site.base_layer
-    scale, shift = norm_site.task_rows(norm_site.routing.index)
-    args = (norm.weight, norm.bias, scale, shift, norm.eps, read_x_in)
-    next_scale = next_site.task_rows(next_site.routing.index)[0] if next_site is not None else None
-    return _ResidualNormSSF.apply(x, y, *linear_site.task_rows(linear_site.routing.index), *args, next_scale)
-
-
-# ----------------------------------------------------------------------------------------------- the modules
-class FusedBlockChain(nn.Sequential):
-    """A ViT's ``blocks`` whose fused training path runs each residual add and LayerNorm as one op (above).
-
-    ``MultiTaskSSF`` gives this class to ``blocks`` when every block is eligible (see :func:`adopt_fused_blocks`);
-    modules and keys stay timm's, and every case the fused path does not take is ``nn.Sequential``'s forward.
-    On the fused path the blocks' submodules are called by the chain, so forward hooks on a block, its ``attn``,
-    ``mlp``, ``proj``, ``fc2`` or a later block's ``norm1`` do not run there.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fused(x):
-            return super().forward(x)
-        pending = None  # the previous block's fc2 output and site, not yet added to the residual stream
-        last = len(self) - 1
-        for i, block in enumerate(self):
-            proj = block.attn.proj
-            if pending is None:
-                h = block.norm1(x)
-            else:  # its output is the x_in of proj's op below, which leaves the stream read to this one
-                x, h = _residual_norm(x, *pending, block.norm1, read_x_in=False, next_site=proj)
-            y = proj.fast_forward_sums_elsewhere(block.attn.attend(h))
-            # The first block's stream input comes from outside the chain, so its op reads it; fc2's op follows
-            # in every block but the last (whose fc2 output is added by _ResidualSSF, which reads its input).
-            next_site = block.mlp.fc2 if i < last else None
-            x, h = _residual_norm(x, y, proj, block.norm2, read_x_in=i == 0, next_site=next_site)
-            mlp = block.mlp
-            hidden = mlp.hidden(h) if isinstance(mlp, FusedGeluMlp) else mlp.drop1(mlp.act(mlp.fc1(h)))
-            pending = (mlp.fc2.fast_forward_sums_elsewhere(mlp.norm(hidden)), mlp.fc2)
-        y, fc2 = pending
-        return _ResidualSSF.apply(x, y, *fc2.task_rows(fc2.routing.index))
-
-    def _fused(self, x: torch.Tensor) -> bool:
-        """The fused path applies to this batch (one task, CUDA or forced) and no dropout is active."""
-        if len(self) == 0 or not self[0].norm1.uses_fast_path(x):
-            return False
-        if not self.training:
-            return True
-        return all(_dropout_off(block) for block in self)
-
-
-def _dropout_off(block: nn.Module) -> bool:
-    drops = (block.attn.proj_drop, block.mlp.drop2)
-    return all(not isinstance(d, nn.Dropout) or d.p == 0 for d in drops)
-
-
-def _is_ssf_site(module: nn.Module, kind: str) -> bool:
-    from .ssf import SSFLayer
-
-    return (
-        isinstance(module, SSFLayer)
-        and module._fast_kind == kind
-        and module.ssf_shift is not None
-        and getattr(module.base_layer, "bias", None) is not None
-    )
-
-
-def _eligible_block(block: nn.Module) -> bool:
-    """Exactly timm's ``Block`` with SSF LayerNorms, adopted attention, an SSF ``proj``/``fc2`` with shifts, and
-    no layer scale or stochastic depth (the chain adds each branch to the residual stream as it is)."""
-    mlp = getattr(block, "mlp", None)
-    attn = getattr(block, "attn", None)
-    return (
-        type(block) is TimmBlock
-        and type(attn) is MixedTaskAttention
-        and type(mlp) in (TimmMlp, FusedGeluMlp)
-        and all(_is_ssf_site(getattr(block, n), "layer_norm") for n in ("norm1", "norm2"))
-        and _is_ssf_site(attn.proj, "linear")
-        and _is_ssf_site(mlp.fc2, "linear")
-        and all(type(getattr(block, n)) is nn.Identity for n in ("ls1", "ls2", "drop_path1", "drop_path2"))
-    )
-
-
-def adopt_fused_blocks(backbone: nn.Module) -> bool:
-    """Switch ``backbone.blocks`` to :class:`FusedBlockChain` if it is an ``nn.Sequential`` of eligible blocks."""
-    blocks = getattr(backbone, "blocks", None)
-    if type(blocks) is not nn.Sequential or len(blocks) == 0 or not all(_eligible_block(b) for b in blocks):
-        return False
-    blocks.__class__ = FusedBlockChain
-    return True

@@ -8,13 +8,13 @@ from torch.testing import assert_close
 
 from conftest import make_backbone, make_images, run_in_triton_interpreter
 from ssf_tasks import MultiTaskSSF
-from ssf_tasks.fused_qkv import qkv_backward
-from ssf_tasks.mixed_attention import MixedTaskAttention
+from ssf_tasks.adapters.vit_attention import MixedTaskAttention
+from ssf_tasks.kernels.qkv_backward import qkv_backward
 
 KERNEL_CHECK = """
 import json
 import torch
-from ssf_tasks import fused_qkv
+from ssf_tasks.kernels import qkv_backward as qkv_kernel
 
 torch.manual_seed(0)
 errors = {}
@@ -25,13 +25,13 @@ def relative(grads, expected):
     return float(((grads.double() - expected).abs().amax(-1) / expected.abs().amax(-1)).max())
 
 
-default = (fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._PROGRAMS)
+default = (qkv_kernel._BLOCK_R, qkv_kernel._BLOCK_C, qkv_kernel._PROGRAMS_PER_SM)
 # the submitted tile; few chunks of many rows with column blocks that cut heads; one row block a chunk
 tiles = [default, (2, 16, 3), (16, 64, 1000)]
 # (samples, tokens, heads, head size): rows and widths that fill no whole block
 shapes = [(3, 70, 2, 16), (2, 13, 3, 8), (1, 5, 1, 64)]
 for block_r, block_c, programs in tiles:
-    fused_qkv._BLOCK_R, fused_qkv._BLOCK_C, fused_qkv._PROGRAMS = block_r, block_c, programs
+    qkv_kernel._BLOCK_R, qkv_kernel._BLOCK_C, qkv_kernel._PROGRAMS_PER_SM = block_r, block_c, programs
     for batch, tokens, heads, head_dim in shapes:
         name = f"{block_r}x{block_c}/{batch}x{tokens}x{heads}x{head_dim}"
         y = torch.randn(batch, tokens, 3 * heads * head_dim)
@@ -41,19 +41,19 @@ for block_r, block_c, programs in tiles:
         dv = torch.randn(batch, heads, head_dim, tokens).transpose(2, 3)
         scale, shift = 1 + 0.3 * torch.randn(y.shape[-1]), torch.randn(y.shape[-1])
         wide = [t.double() for t in (scale, shift)]
-        dy_expected, sums = fused_qkv._qkv_backward_sums_torch(dq.double(), dk.double(), dv.double(), y.double())
-        dy, grads = fused_qkv._qkv_backward_op(dq, dk, dv, y, scale, shift)
+        dy_expected, sums = qkv_kernel._qkv_backward_sums_torch(dq.double(), dk.double(), dv.double(), y.double())
+        dy, grads = qkv_kernel._qkv_backward_op(dq, dk, dv, y, scale, shift)
         errors[f"{name}/fp32 dy"] = float((dy.double() - dy_expected).abs().max())  # a copy: exact
-        errors[f"{name}/fp32 grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, *wide))
+        errors[f"{name}/fp32 grads"] = relative(grads, qkv_kernel._gradients_from_sums(sums, *wide))
         # scale only (no β): dγ = Σ dy ⊙ y / γ
-        _, grads = fused_qkv._qkv_backward_op(dq, dk, dv, y, scale, None)
-        errors[f"{name}/fp32 scale-only grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, wide[0], None))
+        _, grads = qkv_kernel._qkv_backward_op(dq, dk, dv, y, scale, None)
+        errors[f"{name}/fp32 scale-only grads"] = relative(grads, qkv_kernel._gradients_from_sums(sums, wide[0], None))
         # bf16 gradients (as SDPA gives them under autocast): dy is exact, the sums are those of the bf16 dy
         low = [g.bfloat16() for g in (dq, dk, dv)]
-        dy_expected, sums = fused_qkv._qkv_backward_sums_torch(*[g.double() for g in low], y.bfloat16().double())
-        dy, grads = fused_qkv._qkv_backward_op(*low, y.bfloat16(), scale, shift)
+        dy_expected, sums = qkv_kernel._qkv_backward_sums_torch(*[g.double() for g in low], y.bfloat16().double())
+        dy, grads = qkv_kernel._qkv_backward_op(*low, y.bfloat16(), scale, shift)
         errors[f"{name}/bf16 dy"] = float((dy.double() - dy_expected).abs().max()) + (dy.dtype != torch.bfloat16)
-        errors[f"{name}/bf16 grads"] = relative(grads, fused_qkv._gradients_from_sums(sums, *wide))
+        errors[f"{name}/bf16 grads"] = relative(grads, qkv_kernel._gradients_from_sums(sums, *wide))
 print(json.dumps(errors))
 """
 
@@ -98,7 +98,7 @@ def test_torch_version_lays_out_dq_dk_dv_as_timm_splits_qkv():
 def test_qkv_runs_as_one_op_on_the_fast_path_only(fast, monkeypatch):
     """Each attention's qkv takes the one op on the fused path (inside ViT's block chain), never on the eager path."""
     calls = []
-    monkeypatch.setattr("ssf_tasks.ssf.qkv_backward", lambda *a: calls.append(1) or qkv_backward(*a))
+    monkeypatch.setattr("ssf_tasks.kernels.frozen_op.qkv_backward", lambda *a: calls.append(1) or qkv_backward(*a))
     model = MultiTaskSSF(make_backbone("vit"))
     model.add_task("a", 4)
     model.set_fast_path(fast)
@@ -110,12 +110,12 @@ def test_qkv_runs_as_one_op_on_the_fast_path_only(fast, monkeypatch):
 def test_one_op_qkv_matches_timm_split_outside_the_chain(monkeypatch):
     """Without the block chain (here: its class taken back), the adopted attention runs the one op itself, with
     the same outputs and gradients as the eager path; ``fused_qkv = False`` takes it off."""
-    from ssf_tasks.fold import restore_timm_classes
-    from ssf_tasks.fused_block import FusedBlockChain
+    from ssf_tasks.adapters import restore_timm_classes
+    from ssf_tasks.adapters.vit_block import FusedBlockChain
 
     results = {}
     calls = []
-    monkeypatch.setattr("ssf_tasks.ssf.qkv_backward", lambda *a: calls.append(1) or qkv_backward(*a))
+    monkeypatch.setattr("ssf_tasks.kernels.frozen_op.qkv_backward", lambda *a: calls.append(1) or qkv_backward(*a))
     for label, fast, one_op in (("eager", False, True), ("one op", True, True), ("split", True, False)):
         torch.manual_seed(0)
         model = MultiTaskSSF(make_backbone("vit"), sigma=0.2)  # γ/β drawn away from 1 and 0

@@ -10,17 +10,18 @@ import torch
 from torch.testing import assert_close
 
 from conftest import make_backbone, make_images, run_in_triton_interpreter
-from ssf_tasks import MultiTaskSSF, fused_mlp
-from ssf_tasks.mixed_gelu import mixed_ssf_gelu, mixed_ssf_gelu_reference
+from ssf_tasks import MultiTaskSSF
+from ssf_tasks.adapters import vit_mlp
+from ssf_tasks.kernels.mixed_gelu import mixed_ssf_gelu, mixed_ssf_gelu_reference
 
 KERNEL_CHECK = """
 import json
 import torch
-from ssf_tasks import mixed_gelu
+from ssf_tasks.kernels import mixed_gelu
 
 torch.manual_seed(0)
 errors = {}
-mixed_gelu._MIN_PROGRAMS = 0  # each tile's own tokens per program, at any batch
+mixed_gelu._MIN_PROGRAMS_PER_SM = 0  # each tile's own tokens per program, at any batch
 default = (mixed_gelu._BLOCK_R, mixed_gelu._BLOCK_C, mixed_gelu._WARPS, mixed_gelu._TOKENS, mixed_gelu._STAGES)
 # token counts that are not a whole number of row blocks, channels that are not a whole column block (or are)
 shapes = [(3, 197, 200), (2, 13, 64), (4, 5, 2048), (1, 40, 96)]
@@ -60,10 +61,10 @@ def test_kernel_matches_the_reference_in_the_interpreter():
     [(256, 197, 3, 16), (8, 197, 3, 4), (1, 197, 3, 1), (6, 197, 3, 2), (64, 5, 3, 1), (1000, 1, 1, 1), (2, 197, 1, 1)],
 )
 def test_small_batches_take_fewer_tokens_per_program(batch, tokens, column_blocks, chunk):
-    from ssf_tasks import mixed_gelu
+    from ssf_tasks.kernels import mixed_gelu
 
-    assert (mixed_gelu._TOKENS, mixed_gelu._BLOCK_R, mixed_gelu._MIN_PROGRAMS) == (16, 1, 1024)
-    assert mixed_gelu._tokens_per_program(batch, tokens, column_blocks) == chunk
+    assert (mixed_gelu._TOKENS, mixed_gelu._BLOCK_R) == (16, 1)
+    assert mixed_gelu._tokens_per_program(batch, tokens, column_blocks, 1024) == chunk
 
 
 def test_reference_is_ssf_then_gelu_per_sample():
@@ -92,8 +93,8 @@ def test_mixed_gelu_path_equals_timm_mlp(monkeypatch):
         calls.append((tuple(y.shape), scale_table.data_ptr(), tuple(task_rows.tolist())))
         return mixed_ssf_gelu_reference(y, scale_table, shift_table, task_rows)
 
-    monkeypatch.setattr(fused_mlp, "mixed_gelu_available", lambda x, dtype=None: True)
-    monkeypatch.setattr(fused_mlp, "mixed_ssf_gelu", reference)
+    monkeypatch.setattr(vit_mlp, "mixed_gelu_available", lambda x, dtype=None: True)
+    monkeypatch.setattr(vit_mlp, "mixed_ssf_gelu", reference)
     model = MultiTaskSSF(make_backbone("vit"), sigma=0.3)
     generator = torch.Generator().manual_seed(0)
     for name in "abc":

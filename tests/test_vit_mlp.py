@@ -10,32 +10,34 @@ from torch import nn
 from torch.testing import assert_close
 
 from conftest import make_backbone, make_images, run_in_triton_interpreter
-from ssf_tasks import MultiTaskSSF, fused_mlp
-from ssf_tasks.fused_mlp import FusedGeluMlp, gelu_backward_sums
+from ssf_tasks import MultiTaskSSF
+from ssf_tasks.adapters.vit_mlp import FusedGeluMlp
+from ssf_tasks.kernels import gelu_backward
+from ssf_tasks.kernels.gelu_backward import gelu_backward_sums
 
 KERNEL_CHECK = """
 import json
 import torch
-from ssf_tasks import fused_mlp
+from ssf_tasks.kernels import gelu_backward as kernel
 
 torch.manual_seed(0)
 errors = {}
 # rows that are not a whole number of row blocks or chunks, channels that are not a whole column block
 shapes = [(3, 70, 200), (2, 197, 64), (1000, 130), (5, 33)]
-default = (fused_mlp._BLOCK_R, fused_mlp._BLOCK_C, fused_mlp._WARPS, fused_mlp._PROGRAMS)
+default = (kernel._BLOCK_R, kernel._BLOCK_C, kernel._WARPS, kernel._PROGRAMS_PER_SM)
 tiles = [default, (32, 64, 4, 3), (4, 128, 4, 1)]  # the submitted tile; 2-D tiles; one chunk of rows
 for block_r, block_c, warps, programs in tiles:
-    fused_mlp._BLOCK_R, fused_mlp._BLOCK_C, fused_mlp._WARPS, fused_mlp._PROGRAMS = block_r, block_c, warps, programs
+    kernel._BLOCK_R, kernel._BLOCK_C, kernel._WARPS, kernel._PROGRAMS_PER_SM = block_r, block_c, warps, programs
     for shape in shapes:
         dout, y = torch.randn(*shape), 2 * torch.randn(*shape)
-        expected = fused_mlp._gelu_backward_sums_torch(dout.double(), y.double())
-        result = fused_mlp._gelu_backward_sums_op(dout, y)
+        expected = kernel._gelu_backward_sums_torch(dout.double(), y.double())
+        result = kernel._gelu_backward_sums_op(dout, y)
         for name, a, b in zip(("dy", "sum_dy", "sum_dy_y"), result, expected):
             errors[f"{block_r}x{block_c}/{shape}/{name}"] = float((a.double() - b).abs().max() / b.abs().max())
         # bf16: dy is rounded as torch rounds it, and the sums are those of the rounded dy
         dout, y = dout.bfloat16(), y.bfloat16()
-        expected = fused_mlp._gelu_backward_sums_torch(dout, y)
-        result = fused_mlp._gelu_backward_sums_op(dout, y)
+        expected = kernel._gelu_backward_sums_torch(dout, y)
+        result = kernel._gelu_backward_sums_op(dout, y)
         a, b = result[0].float(), expected[0].float()
         # in bf16 steps (2**-7 relative at most), counted against the value or 1% of the largest, if larger
         steps = (a - b).abs() / (b.abs() + 0.01 * b.abs().max()) / 2**-7
@@ -44,8 +46,8 @@ for block_r, block_c, warps, programs in tiles:
             errors[f"{block_r}x{block_c}/{shape}/bf16 {name}"] = float((a - b).abs().max() / b.abs().max())
     # fp16
     dout, y = torch.randn(3, 70, 200).half(), (2 * torch.randn(3, 70, 200)).half()
-    expected = fused_mlp._gelu_backward_sums_torch(dout.double(), y.double())
-    result = fused_mlp._gelu_backward_sums_op(dout, y)
+    expected = kernel._gelu_backward_sums_torch(dout.double(), y.double())
+    result = kernel._gelu_backward_sums_op(dout, y)
     for name, a, b in zip(("dy", "sum_dy", "sum_dy_y"), result, expected):
         errors[f"{block_r}x{block_c}/fp16/{name}"] = float((a.double() - b).abs().max() / b.abs().max())
 print(json.dumps(errors))
@@ -102,8 +104,8 @@ def test_fused_mlp_runs_once_per_block_on_the_fast_path_only(fast, monkeypatch):
     """The fused op is what the fast path runs (its gradients are checked against the eager path in
     test_model.test_fast_path_matches_eager_outputs_and_gradients), and the eager path never runs it."""
     calls = []
-    original = fused_mlp.gelu_backward_sums
-    monkeypatch.setattr("ssf_tasks.ssf.gelu_backward_sums", lambda *a: calls.append(1) or original(*a))
+    original = gelu_backward.gelu_backward_sums
+    monkeypatch.setattr("ssf_tasks.kernels.frozen_op.gelu_backward_sums", lambda *a: calls.append(1) or original(*a))
     model = MultiTaskSSF(make_backbone("vit"))
     model.add_task("a", 4)
     model.set_fast_path(fast)

@@ -2,18 +2,18 @@
 
 Why: in a compiled mixed-task forward, inductor fuses ``fc1``'s gathered γ/β into the GELU kernel after it, but
 it computes every element's table address from the task index (``table[task[row // tokens], column]``) and
-Triton cannot vectorise a load whose address comes from another load. On an H100 that made ViT-B's GELU kernel
-20% slower than GELU alone at batch 256 (279 against 233 µs), about 0.5 ms of the forward. Here each program takes
+Triton cannot vectorise a load whose address comes from another load, which made that kernel clearly slower than
+GELU alone (BENCHMARKS.md, ``ssf-tasks bench kernel mixed-gelu``). Here each program takes
 a run of channels of a chunk of one sample's tokens: it loads the sample's task and its γ/β run once, as contiguous
-vectors, and streams the chunk's rows through them. The chunk matters: with one row per program, loading γ/β made
-the kernel 1.31× GELU alone; with 16 rows, 1.00–1.02× (BENCHMARKS.md).
+vectors, and streams the chunk's rows through them. The chunk matters: with one row per program, loading γ/β
+costs as much as the GELU; with 16 rows it is hidden.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .kernel_support import tl, triton
+from .triton_support import device_programs, tl, triton
 
 __all__ = ["mixed_gelu_available", "mixed_ssf_gelu", "mixed_ssf_gelu_reference"]
 
@@ -34,19 +34,18 @@ def mixed_ssf_gelu_reference(
     return torch.nn.functional.gelu(y.to(compute) * scale[:, None, :] + shift[:, None, :]).to(y.dtype)
 
 
-# Best of 84 tiles on an H100 at ViT-B's fc1 output, [256, 197, 3072] bf16 (examples/bench_mixed_gelu_kernel.py,
-# BENCHMARKS.md): one row of 1024 channels at a time, 16 tokens per program. ``_TOKENS`` 0: all of a sample's
-# (both before the halving for small batches below).
+# The best of a tile sweep at ViT-B's fc1 output, [256, 197, 3072] bf16 (``ssf-tasks bench kernel mixed-gelu``): one
+# row of 1024 channels at a time, 16 tokens per program (``_TOKENS`` 0: all of a sample's), before the halving below.
 _BLOCK_R, _BLOCK_C, _WARPS, _TOKENS, _STAGES = 1, 1024, 4, 16, 1
-# Small batches take fewer tokens per program, down to one tile, until there are this many programs: at batch 1
-# ViT-B's 16-token chunks make 39 programs, too few to fill a GPU (at batch 256 they make 9,984).
-_MIN_PROGRAMS = 1024
+# Small batches take fewer tokens per program, down to one tile, until the grid has this many programs per
+# streaming multiprocessor: at batch 1 ViT-B's 16-token chunks make 39 programs, too few to fill a GPU.
+_MIN_PROGRAMS_PER_SM = 8
 
 
-def _tokens_per_program(batch: int, tokens: int, column_blocks: int) -> int:
-    """``_TOKENS``, halved (down to ``_BLOCK_R``) while the grid has fewer than ``_MIN_PROGRAMS`` programs."""
+def _tokens_per_program(batch: int, tokens: int, column_blocks: int, min_programs: int) -> int:
+    """``_TOKENS``, halved (down to ``_BLOCK_R``) while the grid has fewer than ``min_programs`` programs."""
     chunk = min(_TOKENS or tokens, tokens)
-    while chunk > _BLOCK_R and batch * -(-tokens // chunk) * column_blocks < _MIN_PROGRAMS:
+    while chunk > _BLOCK_R and batch * -(-tokens // chunk) * column_blocks < min_programs:
         chunk = max(_BLOCK_R, chunk // 2)
     return chunk
 
@@ -106,7 +105,8 @@ if triton is not None:
         batch, tokens, channels = y.shape
         out = torch.empty_like(y)
         column_blocks = triton.cdiv(channels, _BLOCK_C)
-        tokens_per_program = _tokens_per_program(batch, tokens, column_blocks)
+        min_programs = device_programs(y.device, _MIN_PROGRAMS_PER_SM)
+        tokens_per_program = _tokens_per_program(batch, tokens, column_blocks, min_programs)
         grid = (batch * triton.cdiv(tokens, tokens_per_program) * column_blocks,)
         torch.library.wrap_triton(_mixed_ssf_gelu_kernel)[grid](
             y, out, scale_table, shift_table, task_rows, task_rows.stride(0), tokens, channels, scale_table.stride(0),

@@ -1,23 +1,23 @@
 """Training attention's ``qkv`` site: dq, dk, dv laid out as the site's gradient, with its γ/β sums, in one pass.
 
-Why: on the fused training path (``ssf._FrozenOpSSF``) a Linear site's γ/β gradients are two column sums,
+Why: on the fused training path (``frozen_op.FrozenOpSSF``) a Linear site's γ/β gradients are two column sums,
 ``Σ dy`` and ``Σ dy ⊙ y``, over every row of its output ``y`` and its gradient ``dy``. For ``qkv``, ``dy`` is
 the q, k and v gradients that the attention backward gives, put back side by side in the ``[B, N, 3·H·d]``
 layout of timm's split. Even a frozen backbone pays for that copy. Left to torch.compile, the copy and the two
-sums took three kernels that read the q/k/v gradients twice more: 102 µs per ViT-B block at batch 64 on an
-H200, against 28 µs for the copy alone. The kernel here reads each gradient and ``y`` once, writes ``dy`` and
-keeps the two sums as it goes: 50 µs in the same step, 0.6 ms per step (BENCHMARKS.md). It also forms the site's
-``dγ``/``dβ`` from the sums (``kernel_support.finished_last``), so no kernel of torch.compile's follows it.
+sums took three kernels that read the q/k/v gradients twice more. The kernel here reads each gradient and ``y``
+once, writes ``dy`` and keeps the two sums as it goes (timings in BENCHMARKS.md, ``ssf-tasks bench kernel
+qkv-backward``). It also forms the site's ``dγ``/``dβ`` from the sums (``triton_support.finished_last``), so no
+kernel of torch.compile's follows it.
 
 ``SSFLayer.fast_forward_heads`` runs ``qkv``, its SSF and timm's q/k/v split as one op whose backward takes
-this kernel; ``MixedTaskAttention`` calls it on the fused path (one task per batch, on CUDA).
+this kernel; the ViT attention adapter calls it on the fused path (one task per batch, on CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .kernel_support import finished_last, linear_site_gradients, row_chunks, tl, triton
+from .triton_support import device_programs, finished_last, linear_site_gradients, row_chunks, tl, triton
 
 __all__ = ["qkv_backward"]
 
@@ -188,11 +188,10 @@ if triton is not None:
                 tl.store(grads_ptr + at, sum_dy_y / scale, mask=column_ok)
                 tl.store(grads_ptr + 3 * width + at, sum_dy, mask=column_ok)
 
-    # Best of 48 tiles timed on an H200 at ViT-B's shape (qkv_kernel_sweep1_session8_h200.txt). Doing q, k and v in
-    # one loop with per-row-block sums instead was slower at every one of 108 tiles (best 75.9 µs against 57.2 µs,
-    # qkv_kernel_sweep2_session8_h200.txt).
+    # The best of a tile sweep at ViT-B's shape (``ssf-tasks bench kernel qkv-backward``). Doing q, k and v in one
+    # loop with per-row-block sums instead was slower at every tile tried.
     _BLOCK_R, _BLOCK_C, _WARPS, _STAGES = 32, 128, 4, 1
-    _PROGRAMS = 528  # four per streaming multiprocessor of an H100 (132)
+    _PROGRAMS_PER_SM = 4
 
     # A ``triton_op``: torch.compile launches the kernel from its own generated code (CUDA graphs included).
     @torch.library.triton_op("ssf_tasks::qkv_backward", mutates_args=())
@@ -208,7 +207,9 @@ if triton is not None:
         batch, tokens, width3 = y.shape
         width, rows = width3 // 3, batch * tokens
         column_blocks = triton.cdiv(width, _BLOCK_C)
-        chunks, rows_per_chunk = row_chunks(rows, _BLOCK_R, _PROGRAMS // column_blocks)
+        chunks, rows_per_chunk = row_chunks(
+            rows, _BLOCK_R, device_programs(y.device, _PROGRAMS_PER_SM) // column_blocks
+        )
         dy = torch.empty_like(y)
         # the two sums, then a count of finished programs per column block
         sums = torch.zeros(2 * width3 + column_blocks, device=y.device, dtype=torch.float32)

@@ -1,16 +1,18 @@
-"""Triton for the training kernels, where it can serve them (``triton`` and ``tl``, else None for both), and what
-two of them share: their chunks of rows, and how the last program to finish forms the gradients from the sums.
+"""Triton where it can serve the kernels (``triton`` and ``tl``, else None for both), and what the kernels share:
+their chunks of rows, grid sizes taken from the device, and how the last program to finish forms the gradients.
 
-Why one place: each training kernel (``fused_mlp``, ``fused_qkv``, ``fused_block``) has a torch version that runs
-where Triton is missing (CPU-only installs) or where torch cannot hand a Triton kernel to inductor
+Why one place: each training kernel (``gelu_backward``, ``qkv_backward``, ``residual_norm``) has a torch version that
+runs where Triton is missing (CPU-only installs) or where torch cannot hand a Triton kernel to inductor
 (``torch.library.triton_op``, torch 2.6 and later).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["finished_last", "linear_site_gradients", "row_chunks", "tl", "triton"]
+__all__ = ["device_programs", "finished_last", "linear_site_gradients", "row_chunks", "tl", "triton"]
 
 try:
     import triton
@@ -55,6 +57,21 @@ def row_chunks(rows: int, block_rows: int, programs: int) -> tuple[int, int]:
     chunks = max(1, min(_cdiv(rows, block_rows), programs))
     rows_per_chunk = _cdiv(_cdiv(rows, chunks), block_rows) * block_rows
     return _cdiv(rows, rows_per_chunk), rows_per_chunk
+
+
+def device_programs(device: torch.device, per_multiprocessor: int) -> int:
+    """``per_multiprocessor`` programs on every streaming multiprocessor of ``device``: a grid that fills the card
+    a few times over whatever its size (the kernels' tiles were chosen at that many programs per multiprocessor).
+    Off CUDA (Triton's interpreter, in the tests) the device counts as one multiprocessor."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return per_multiprocessor
+    return per_multiprocessor * _multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _cdiv(a: int, b: int) -> int:

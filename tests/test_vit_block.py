@@ -10,14 +10,15 @@ from torch.nn import functional as F
 from torch.testing import assert_close
 
 from conftest import make_backbone, make_images, run_in_triton_interpreter
-from ssf_tasks import MultiTaskSSF, fused_block
-from ssf_tasks.fused_block import FusedBlockChain
-from ssf_tasks.ssf import _FrozenOpSSF
+from ssf_tasks import MultiTaskSSF
+from ssf_tasks.adapters.vit_block import FusedBlockChain
+from ssf_tasks.kernels import residual_norm
+from ssf_tasks.kernels.frozen_op import FrozenOpSSF
 
 KERNEL_CHECK = """
 import json
 import torch
-from ssf_tasks import fused_block
+from ssf_tasks.kernels import residual_norm as kernel
 
 torch.manual_seed(0)
 errors = {}
@@ -30,10 +31,10 @@ def relative(a, b):
 
 
 shapes = [(3, 70, 200), (2, 197, 64), (1000, 130), (5, 33)]  # rows and channels that fill no whole block
-default = (fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS)
+default = (kernel._BLOCK_R, kernel._WARPS, kernel._PROGRAMS_PER_SM)
 tiles = [default, (2, 4, 3), (8, 2, 1000)]  # the submitted tile; few chunks of many rows; one row block a chunk
 for block_r, warps, programs in tiles:
-    fused_block._BLOCK_R, fused_block._WARPS, fused_block._PROGRAMS = block_r, warps, programs
+    kernel._BLOCK_R, kernel._WARPS, kernel._PROGRAMS_PER_SM = block_r, warps, programs
     for shape in shapes:
         channels = shape[-1]
         d_h, d_out, x_in = torch.randn(*shape), torch.randn(*shape), 3 + torch.randn(*shape)
@@ -48,27 +49,27 @@ for block_r, warps, programs in tiles:
         stats = [t.float().flatten() for t in (mean, rstd)]
 
         def expected(sums, has_next=True):
-            return fused_block._gradients_from_sums(sums, w, b, lin_scale, lin_shift, next_scale if has_next else None)
+            return kernel._gradients_from_sums(sums, w, b, lin_scale, lin_shift, next_scale if has_next else None)
 
         # fp32 throughout: dy holds dx's values, in a tensor of its own
-        want_dx, _, sums = fused_block._residual_norm_backward_torch(*wide, folded, torch.float64)
-        dx, dy, grads = fused_block._residual_norm_backward_op(
+        want_dx, _, sums = kernel._residual_norm_backward_torch(*wide, folded, torch.float64)
+        dx, dy, grads = kernel._residual_norm_backward_op(
             d_h, d_out, x_out, x_in, *stats, *vectors, torch.float32
         )
         errors[f"{block_r}/{shape}/fp32 dy copy"] = float((dy - dx).abs().max()) + (dy.data_ptr() == dx.data_ptr())
         for name, a, b_ in (("dx", dx, want_dx), ("grads", grads, expected(sums))):
             errors[f"{block_r}/{shape}/fp32 {name}"] = relative(a, b_)
         # without x_in (never read): the fourth sum is Σ dx ⊙ x_out; without the next op, the fifth row is zeros
-        _, _, sums = fused_block._residual_norm_backward_torch(*wide[:3], None, *wide[4:], folded, torch.float64)
-        _, _, grads = fused_block._residual_norm_backward_op(
+        _, _, sums = kernel._residual_norm_backward_torch(*wide[:3], None, *wide[4:], folded, torch.float64)
+        _, _, grads = kernel._residual_norm_backward_op(
             d_h, d_out, x_out, None, *stats, *vectors[:5], None, torch.float32
         )
         errors[f"{block_r}/{shape}/fp32 without x_in grads"] = relative(grads[:4], expected(sums)[:4])
         errors[f"{block_r}/{shape}/fp32 without next zeros"] = float(grads[4].abs().max())
         # as under bf16 autocast: the norm's output gradient in bf16, the stream in fp32, dy in bf16
         d_h16 = d_h.bfloat16()
-        want_dx, _, sums = fused_block._residual_norm_backward_torch(d_h16.double(), *wide[1:], folded, torch.float64)
-        dx, dy, grads = fused_block._residual_norm_backward_op(
+        want_dx, _, sums = kernel._residual_norm_backward_torch(d_h16.double(), *wide[1:], folded, torch.float64)
+        dx, dy, grads = kernel._residual_norm_backward_op(
             d_h16, d_out, x_out, x_in, *stats, *vectors, torch.bfloat16
         )
         errors[f"{block_r}/{shape}/mixed dy dtype"] = float(dy.dtype == torch.bfloat16)
@@ -106,7 +107,7 @@ def test_torch_version_is_the_residual_add_and_layer_norm_backward_with_its_sums
     torch.autograd.backward([h, x_out], [d_h, d_out])
     _, mean, rstd = torch.ops.aten.native_layer_norm(x_out.detach(), [12], None, None, 1e-5)
     kept = (x_out.detach(), x_in.detach(), mean, rstd, weight.detach())
-    dx, dy, sums = fused_block._residual_norm_backward_torch(d_h, d_out, *kept, y.dtype)
+    dx, dy, sums = residual_norm._residual_norm_backward_torch(d_h, d_out, *kept, y.dtype)
     assert_close(dx, x_in.grad)
     assert dy.data_ptr() != dx.data_ptr()  # never an alias: see _ResidualSSF.backward
     assert_close(y.grad, dy)
@@ -116,7 +117,7 @@ def test_torch_version_is_the_residual_add_and_layer_norm_backward_with_its_sums
     assert_close(sums[3], (y.grad * y.detach()).sum((0, 1)))
     assert_close(sums[4], (d_out * x_out.detach()).sum((0, 1)))
     # Without x_in the fourth sum is Σ dx ⊙ x_out; the op before gives the Σ dx ⊙ x_in that it lacks.
-    _, _, partial = fused_block._residual_norm_backward_torch(d_h, d_out, x_out.detach(), None, *kept[2:], y.dtype)
+    _, _, partial = residual_norm._residual_norm_backward_torch(d_h, d_out, x_out.detach(), None, *kept[2:], y.dtype)
     assert_close(partial[[0, 1, 2, 4]], sums[[0, 1, 2, 4]])
     assert_close(partial[3] - (y.grad * x_in.detach()).sum((0, 1)), sums[3])
 
@@ -143,7 +144,7 @@ def test_backward_gives_the_gradients_of_both_sites():
     norm_affine = tuple(v.detach() for v in (weight, bias, norm_scale))
     lin_affine = (lin_scale.detach(), lin_shift.detach())
     stream = (d_h, d_out, x_out.detach())
-    dx, dy, grads = fused_block.residual_norm_backward(
+    dx, dy, grads = residual_norm.residual_norm_backward(
         *stream, x_in, mean, rstd, norm_affine, lin_affine, next_scale, torch.float64
     )
     assert_close(grads[0], norm_scale.grad)
@@ -152,18 +153,22 @@ def test_backward_gives_the_gradients_of_both_sites():
     assert_close(grads[3], lin_shift.grad)
     assert_close(grads[4], -(d_out * x_out.detach()).sum((0, 1)) / next_scale)  # the next op's share
     # Without x_in, dγ_l lacks -Σ dx ⊙ x_in / γ_l (the op before gives it); without the next op, no share.
-    _, _, alone = fused_block.residual_norm_backward(*stream, None, mean, rstd, norm_affine, lin_affine, None, y.dtype)
+    _, _, alone = residual_norm.residual_norm_backward(
+        *stream, None, mean, rstd, norm_affine, lin_affine, None, y.dtype
+    )
     assert_close(alone[[0, 1, 3]], grads[[0, 1, 3]])
     assert_close(alone[2] - (dy * x_in).sum((0, 1)) / lin_scale.detach(), grads[2])
     assert torch.equal(alone[4], torch.zeros(channels, dtype=torch.float64))
     with pytest.raises(ValueError, match="stream tensors of one shape"):
-        fused_block.residual_norm_backward(
+        residual_norm.residual_norm_backward(
             d_h, d_out[:1], x_out.detach(), x_in, mean, rstd, norm_affine, lin_affine, None, y.dtype
         )
     with pytest.raises(ValueError, match="statistic per row"):
-        fused_block.residual_norm_backward(*stream, x_in, mean[:1], rstd, norm_affine, lin_affine, None, y.dtype)
+        residual_norm.residual_norm_backward(*stream, x_in, mean[:1], rstd, norm_affine, lin_affine, None, y.dtype)
     with pytest.raises(ValueError, match="per-channel vectors"):
-        fused_block.residual_norm_backward(*stream, x_in, mean, rstd, norm_affine, lin_affine, next_scale[:3], y.dtype)
+        residual_norm.residual_norm_backward(
+            *stream, x_in, mean, rstd, norm_affine, lin_affine, next_scale[:3], y.dtype
+        )
 
 
 def test_vit_blocks_take_the_chain_class_and_the_fold_gives_timm_back():
@@ -183,8 +188,8 @@ def test_blocks_with_layer_scale_or_stochastic_depth_keep_timm_class(option):
 
 def _count_calls(monkeypatch):
     calls = {"norm": 0, "kept": [], "reads_x_in": []}
-    original_backward = fused_block.residual_norm_backward
-    original_apply = _FrozenOpSSF.apply
+    original_backward = residual_norm.residual_norm_backward
+    original_apply = FrozenOpSSF.apply
 
     def backward(*args):
         calls["norm"] += 1
@@ -195,8 +200,8 @@ def _count_calls(monkeypatch):
         calls["kept"].append(args[6])  # what the Linear/Conv op saves for backward
         return original_apply(*args)
 
-    monkeypatch.setattr(fused_block, "residual_norm_backward", backward)
-    monkeypatch.setattr(_FrozenOpSSF, "apply", apply)
+    monkeypatch.setattr(residual_norm, "residual_norm_backward", backward)
+    monkeypatch.setattr(FrozenOpSSF, "apply", apply)
     return calls
 
 
@@ -244,11 +249,11 @@ def test_chain_is_left_for_mixed_batches_and_active_dropout(monkeypatch):
 def test_frozen_op_refuses_an_unknown_keep():
     x, weight, bias, scale = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4), torch.ones(4)
     with pytest.raises(ValueError, match="keep must be"):
-        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "everything", None, None, None)
+        FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "everything", None, None, None)
     with pytest.raises(ValueError, match="output saved"):
-        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "nothing", None, "gelu", None)
+        FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "nothing", None, "gelu", None)
     with pytest.raises(ValueError, match="output saved"):
-        _FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "input", None, None, 2)
+        FrozenOpSSF.apply(x, weight, bias, scale, None, "linear", "input", None, None, 2)
 
 
 def test_chain_under_bf16_autocast_matches_the_eager_path():

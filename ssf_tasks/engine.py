@@ -1,0 +1,469 @@
+"""The inference engine: stored tasks loaded once, mixed-task batches run fast, kept in step with the registry.
+
+A :class:`Predictor` owns, per backbone, one :class:`~ssf_tasks.model.MultiTaskSSF` holding every loaded task, its
+forward (compiled per batch-size bucket on CUDA), and the input path of :mod:`ssf_tasks.image_input`. ``predict``,
+``task eval``, ``export``, the server and the benchmarks all go through it; nothing else groups, pads or compiles.
+
+Continual adaptation: :meth:`Predictor.refresh` loads tasks registered (or versioned) since, and drops removed ones,
+on a copy of the model that replaces the serving one in one assignment; answers of the other tasks do not change,
+since their rows are copied unchanged and the backbone is frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from PIL import Image
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from . import registry
+from .catalog import data_config, eval_transform, load_backbone
+from .config import BackboneRecord, TaskRecord, validate_name
+from .data import IMAGE_EXTENSIONS, ImageDataset, ImageSample, load_splits
+from .errors import BackboneMismatchError, DataError, TaskNotFoundError
+from .image_input import ImageSource, InputStage, decode_threads, iter_batches, split_transform
+from .model import MultiTaskSSF
+from .taskfiles import task_tensors
+from .train import evaluate, resolve_device
+
+__all__ = [
+    "COMPILE_MIN_BATCHES",
+    "PRECISIONS",
+    "LoadedTasks",
+    "Precision",
+    "Prediction",
+    "Predictor",
+    "evaluate_task",
+    "folder_items",
+    "load_tasks",
+]
+
+COMPILE_MIN_BATCHES = 8
+"""``predict`` compiles automatically (on CUDA) from this many batches in one group."""
+
+Precision = Literal["fp32", "bf16"]
+"""Forward precisions: fp32, or bf16 autocast."""
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k labels of one image under its task, with their softmax scores."""
+
+    path: Path | str
+    task: str
+    labels: list[str]
+    scores: list[float]
+
+
+def folder_items(folder: str | os.PathLike[str], task: str) -> list[tuple[Path, str]]:
+    """``(image, task)`` for every image file directly in ``folder``, sorted by name."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"not a folder: {root}")
+    # Hidden files (macOS "._x.jpg" resource forks, editors' temp files) are skipped, as in training folders.
+    files = sorted(
+        p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise DataError(f"no image files in {root}")
+    return [(p, task) for p in files]
+
+
+# --------------------------------------------------------------------------------------- loading stored tasks
+@dataclass
+class LoadedTasks:
+    """Stored tasks loaded onto their backbones: one :class:`MultiTaskSSF` per backbone, all its tasks on it.
+
+    Attributes:
+        models: The model of each backbone, by backbone name.
+        backbones: The backbone records, by name.
+        tasks: The task records, by task name.
+    """
+
+    models: dict[str, MultiTaskSSF] = field(default_factory=dict)
+    backbones: dict[str, BackboneRecord] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+
+    def model_of(self, task: str) -> MultiTaskSSF:
+        """The model that holds ``task``."""
+        return self.models[self.tasks[task].backbone]
+
+    def data_config(self, task: str) -> dict[str, Any]:
+        """The data config ``task`` was trained with."""
+        record = self.tasks[task]
+        return data_config(self.model_of(task).backbone, self.backbones[record.backbone], record.train_config)
+
+    def transform(self, task: str) -> Callable:
+        """The evaluation transform of ``task``."""
+        record = self.tasks[task]
+        return eval_transform(self.model_of(task).backbone, self.backbones[record.backbone], record.train_config)
+
+
+def _read_tasks(
+    engine: Engine, names: Sequence[str], versions: dict[str, int]
+) -> tuple[dict[str, TaskRecord], dict[str, BackboneRecord], dict[str, bytes]]:
+    """Records and payloads of tasks (latest versions unless named), with their backbones, in one session."""
+    tasks: dict[str, TaskRecord] = {}
+    backbones: dict[str, BackboneRecord] = {}
+    payloads: dict[str, bytes] = {}
+    with Session(engine) as s:
+        for name in dict.fromkeys(names):
+            record = registry.get_task(s, name, versions.get(name))
+            if record.backbone not in backbones:
+                backbones[record.backbone] = registry.get_backbone(s, record.backbone)
+            if record.backbone_fingerprint != backbones[record.backbone].fingerprint:
+                raise BackboneMismatchError(
+                    f"task '{name}' was trained on weights with fingerprint {record.backbone_fingerprint[:12]}..., "
+                    f"but backbone '{record.backbone}' now has {backbones[record.backbone].fingerprint[:12]}..."
+                )
+            tasks[name] = record
+            payloads[name] = registry.get_task_payload(s, name, record.version)
+    return tasks, backbones, payloads
+
+
+def load_tasks(engine: Engine, names: Sequence[str], *, versions: dict[str, int] | None = None) -> LoadedTasks:
+    """Load tasks from the registry, each onto a fresh copy of its backbone (one model per backbone).
+
+    Raises:
+        TaskNotFoundError: An unknown task or version.
+        BackboneMismatchError: A task trained on other weights than its backbone has now.
+    """
+    tasks, backbones, payloads = _read_tasks(engine, names, versions or {})
+    loaded = LoadedTasks(backbones=backbones, tasks=tasks)
+    for backbone_name, backbone_record in backbones.items():
+        loaded.models[backbone_name] = MultiTaskSSF(load_backbone(backbone_record)).eval()
+    for name, record in tasks.items():
+        loaded.models[record.backbone].load_task(name, task_tensors(payloads[name], name))
+    return loaded
+
+
+def evaluate_task(
+    engine: Engine,
+    name: str,
+    data: str | os.PathLike[str],
+    *,
+    version: int | None = None,
+    split: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> tuple[float, str, int]:
+    """Top-1 accuracy of a stored task on a dataset, with the transform it was trained with.
+
+    Classes are matched by name, so the dataset may hold a subset of the task's classes.
+
+    Args:
+        split: ``train``, ``val`` or ``test``; by default ``test``, else ``val``, else ``train`` (a manifest).
+
+    Returns:
+        ``(top-1, split used, number of images)``.
+
+    Raises:
+        DataError: The split is empty or holds a class the task does not know.
+    """
+    validate_name("task", name)
+    with Session(engine) as s:
+        record = registry.get_task(s, name, version)
+    splits = load_splits(data)
+    if split is None:
+        split = next((n for n in ("test", "val", "train") if splits.split(n)), "test")
+    samples = splits.split(split)
+    if not samples:
+        raise DataError(f"dataset {data} has no '{split}' images")
+    unknown = [c for c in splits.class_names if c not in record.class_names]
+    if unknown:
+        raise DataError(
+            f"class '{unknown[0]}' of dataset {data} is not a class of task '{name}' "
+            f"(its classes: {', '.join(record.class_names)})"
+        )
+    remap = [record.class_names.index(c) for c in splits.class_names]
+    samples = [ImageSample(path, remap[label]) for path, label in samples]
+    loaded = load_tasks(engine, [name], versions={name: record.version})
+    dataset = ImageDataset(samples, loaded.transform(name))
+    top1 = evaluate(loaded.model_of(name), name, dataset, batch_size=batch_size, device=device, amp=False)
+    return top1, split, len(samples)
+
+
+# ------------------------------------------------------------------------------------------------ Predictor
+@dataclass
+class _Group:
+    """The tasks of one backbone that see images the same way (one transform): their model and compiled forwards."""
+
+    model: MultiTaskSSF
+    stage: InputStage
+    input_hw: tuple[int, int]
+    forwards: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything a batch reads, replaced as a whole by ``refresh``: a batch that started on it finishes on it."""
+
+    records: dict[str, TaskRecord]
+    models: dict[str, MultiTaskSSF]  # by backbone name
+    groups: dict[tuple, _Group]  # by (backbone, transform protocol, input size)
+    group_of: dict[str, tuple]  # task name -> its group's key
+
+
+class Predictor:
+    """Stored tasks loaded once onto their backbones, ready for mixed-task batches of images.
+
+    Args:
+        engine: The registry.
+        tasks: Task names to load (latest versions); ``None`` loads every registered task.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``fp32`` (equals the exported model's outputs) or ``bf16`` autocast (on CUDA it also lets mixed
+            batches of ViT tasks take the mixed-batch kernels).
+        compile: Run the forward through ``torch.compile``, one graph per batch-size bucket. ``None`` compiles on
+            CUDA when a ``predict`` call has at least :data:`COMPILE_MIN_BATCHES` batches, so that compiling pays
+            for itself; a server passes True and warms its buckets up before serving.
+        threads: Decode threads; by default one per core.
+
+    Raises:
+        TaskNotFoundError, BackboneMismatchError: as :func:`load_tasks`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        tasks: Sequence[str] | None = None,
+        *,
+        device: str = "auto",
+        precision: Precision = "fp32",
+        compile: bool | None = None,
+        threads: int | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'", field="precision")
+        self.engine = engine
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.compile = compile
+        self.warm_batch_sizes: tuple[int, ...] = ()
+        self.pool = ThreadPoolExecutor(max_workers=threads or decode_threads(), thread_name_prefix="ssf-decode")
+        self._refreshing = threading.Lock()
+        self._state = _State({}, {}, {}, {})
+        names = tasks
+        if names is None:
+            with Session(engine) as s:
+                names = [r.name for r in registry.list_tasks(s)]
+        self._state = self._build(list(names), set())
+
+    # ------------------------------------------------------------------------------------- tasks
+    @property
+    def task_names(self) -> list[str]:
+        """The loaded tasks, sorted."""
+        return sorted(self._state.records)
+
+    def record(self, task: str) -> TaskRecord:
+        """The loaded record of ``task`` (its version, classes, metrics).
+
+        Raises:
+            TaskNotFoundError: the task is not loaded.
+        """
+        records = self._state.records
+        if task not in records:
+            known = ", ".join(sorted(records)) or "none"
+            raise TaskNotFoundError(f"unknown task '{task}'; known tasks: {known}")
+        return records[task]
+
+    def _build(self, read: list[str], drop: set[str]) -> _State:
+        """A new state: the current one with tasks ``read`` (re)loaded from the registry and ``drop`` removed.
+
+        Backbones none of whose tasks change keep their model and compiled forwards; the others get a copy of their
+        model (the serving one is never changed under a running batch), warmed up before it serves.
+        """
+        old = self._state
+        tasks, backbones, payloads = _read_tasks(self.engine, read, {})
+        records = {n: r for n, r in old.records.items() if n not in drop}
+        records.update(tasks)
+        changed = {r.backbone for r in tasks.values()} | {old.records[n].backbone for n in drop if n in old.records}
+        models: dict[str, MultiTaskSSF] = {}
+        for name, record in records.items():
+            backbone = record.backbone
+            if backbone not in models:
+                if backbone in old.models:
+                    unchanged = backbone not in changed
+                    models[backbone] = old.models[backbone] if unchanged else copy.deepcopy(old.models[backbone])
+                else:
+                    models[backbone] = MultiTaskSSF(load_backbone(backbones[backbone])).eval().to(self.device)
+            if name in tasks:
+                state = task_tensors(payloads[name], name)
+                models[backbone].load_task(name, state, replace=name in models[backbone].task_names)
+        for model in models.values():
+            for name in [n for n in model.task_names if n not in records]:
+                model.remove_task(name)
+        groups: dict[tuple, _Group] = {}
+        group_of: dict[str, tuple] = {}
+        for name, record in sorted(records.items()):
+            config = record.train_config
+            key = (record.backbone, config.transform, config.input_size)
+            group_of[name] = key
+            if key in groups:
+                continue
+            if record.backbone not in changed and key in old.groups:
+                groups[key] = old.groups[key]
+                continue
+            model = models[record.backbone]
+            backbone_record = backbones.get(record.backbone) or self._backbone_record(record.backbone)
+            stage = split_transform(eval_transform(model.backbone, backbone_record, config))
+            probe = stage.resize(Image.new("RGB", (64, 64)))
+            groups[key] = _Group(model, stage, (probe.height, probe.width))
+        state = _State(records, models, groups, group_of)
+        if self.warm_batch_sizes:
+            self._warm(state, self.warm_batch_sizes)
+        return state
+
+    def _backbone_record(self, name: str) -> BackboneRecord:
+        with Session(self.engine) as s:
+            return registry.get_backbone(s, name)
+
+    def refresh(self) -> dict[str, list[str]]:
+        """Catch up with the registry: load tasks registered or versioned since, drop removed ones.
+
+        The new state is built (and warmed up, where compiling is on) beside the serving one, then replaces it in
+        one assignment; batches keep running on the old state meanwhile.
+
+        Returns:
+            ``{"added": [...], "updated": [...], "removed": [...]}`` (task names); all empty when nothing changed.
+        """
+        with self._refreshing:
+            with Session(self.engine) as s:
+                latest = {r.name: r.version for r in registry.list_tasks(s)}
+            current = self._state.records
+            added = sorted(n for n in latest if n not in current)
+            updated = sorted(n for n in latest if n in current and latest[n] != current[n].version)
+            removed = sorted(n for n in current if n not in latest)
+            if added or updated or removed:
+                self._state = self._build(added + updated, set(removed))
+            return {"added": added, "updated": updated, "removed": removed}
+
+    # ------------------------------------------------------------------------------------- running
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Compile (where compiling is on) and run every group once at each batch size; tasks loaded later by
+        :meth:`refresh` are warmed up at the same sizes before they serve."""
+        self.warm_batch_sizes = tuple(sorted(set(batch_sizes)))
+        self._warm(self._state, self.warm_batch_sizes)
+
+    def _warm(self, state: _State, batch_sizes: Sequence[int]) -> None:
+        for key, group in state.groups.items():
+            task = next(n for n, k in state.group_of.items() if k == key)
+            for size in batch_sizes:
+                images = torch.zeros(size, 3, *group.input_hw, dtype=torch.uint8)
+                self._logits(group, images, [task] * size, size, compiled=bool(self.compile))
+
+    def bucket(self, count: int) -> int:
+        """The smallest warmed-up batch size that holds ``count`` images (``count`` itself if none does)."""
+        return next((size for size in self.warm_batch_sizes if size >= count), count)
+
+    def _logits(
+        self, group: _Group, images: torch.Tensor, tasks: Sequence[str], bucket: int, *, compiled: bool
+    ) -> torch.Tensor:
+        """Logits ``[b, max_classes]`` of one uint8 batch (``b <= bucket``), padded to ``bucket`` when compiled."""
+        model = group.model
+        count = images.shape[0]
+        index = torch.tensor([model.task_index(t) for t in tasks], dtype=torch.long)
+        compiled = compiled and self.device.type == "cuda"
+        if compiled and count < bucket:  # one static shape per bucket: no recompilation for a short batch
+            images = torch.cat([images, images.new_zeros(bucket - count, *images.shape[1:])])
+            index = torch.cat([index, index.new_zeros(bucket - count)])
+        forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = model
+        if compiled:
+            if bucket not in group.forwards:
+                group.forwards[bucket] = torch.compile(model, dynamic=False)
+            forward = group.forwards[bucket]
+        x = group.stage.normalize(images.to(self.device, non_blocking=True))
+        amp = self.precision == "bf16"
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = forward(x, index.to(self.device, non_blocking=True))
+        return logits[:count]
+
+    def predict(
+        self,
+        items: Sequence[tuple[ImageSource, str]],
+        *,
+        batch_size: int = 64,
+        top_k: int = 1,
+        source: str = "input",
+    ) -> list[Prediction]:
+        """Predict every ``(image, task)`` item, mixing tasks freely within each batch.
+
+        Items are grouped by backbone and input transform (in practice: by backbone); each group runs in batches
+        of mixed tasks through one forward of the shared backbone, while the threads decode the next batches.
+
+        Args:
+            items: ``(image path or encoded bytes, task name)`` pairs.
+            batch_size: Images per forward pass.
+            top_k: Labels per image (fewer when a task has fewer classes).
+            source: How to name the items in error messages (e.g. the manifest's file name).
+
+        Returns:
+            One prediction per item, in input order.
+
+        Raises:
+            TaskNotFoundError: naming the first item with an unknown task.
+            DataError: naming the first unreadable image.
+        """
+        if top_k < 1:
+            raise DataError(f"top_k must be at least 1, got {top_k}", field="top_k")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
+        if not items:
+            raise DataError(f"{source} has no rows")
+        state = self._state  # one consistent view, whatever refresh does meanwhile
+        for row, (image, task) in enumerate(items, start=1):
+            if task not in state.group_of:
+                known = ", ".join(sorted(state.records)) or "none"
+                raise TaskNotFoundError(
+                    f"{source} row {row} ({_label(image, source, row)}): unknown task '{task}'; known tasks: {known}"
+                )
+        by_group: dict[tuple, list[int]] = {}
+        for i, (_, task) in enumerate(items):
+            by_group.setdefault(state.group_of[task], []).append(i)
+        results: list[Prediction | None] = [None] * len(items)
+        for key, indices in by_group.items():
+            group = state.groups[key]
+            batches = -(-len(indices) // batch_size)
+            compiled = self.compile if self.compile is not None else batches >= COMPILE_MIN_BATCHES
+            sources = [items[i][0] for i in indices]
+            names = [_label(items[i][0], source, i + 1) for i in indices]
+            pin = self.device.type == "cuda"
+            for images, span in iter_batches(self.pool, group.stage, sources, batch_size, names=names, pin=pin):
+                rows = [indices[j] for j in span]
+                tasks = [items[i][1] for i in rows]
+                bucket = batch_size if compiled else len(rows)
+                logits = self._logits(group, images, tasks, bucket, compiled=compiled)
+                for i, task, (labels, scores) in zip(rows, tasks, self.top_k(logits, tasks, top_k), strict=True):
+                    image = items[i][0]
+                    path = _label(image, source, i + 1) if isinstance(image, bytes) else Path(image)
+                    results[i] = Prediction(path=path, task=task, labels=labels, scores=scores)
+        return [r for r in results if r is not None]
+
+    def top_k(self, logits: torch.Tensor, tasks: Sequence[str], k: int) -> list[tuple[list[str], list[float]]]:
+        """``(labels, softmax scores)`` of each row's ``k`` best classes of its own task."""
+        probs = logits.float().softmax(dim=-1).cpu()
+        scores, columns = probs.topk(min(k, probs.shape[1]), dim=-1)
+        records = self._state.records
+        out = []
+        for j, task in enumerate(tasks):
+            names = records[task].class_names
+            n = min(k, len(names))
+            out.append(([names[c] for c in columns[j, :n].tolist()], [float(v) for v in scores[j, :n]]))
+        return out
+
+    def close(self) -> None:
+        """Stop the decode threads."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _label(image: ImageSource, source: str, row: int) -> str:
+    return f"{source} item {row}" if isinstance(image, bytes) else str(image)

@@ -1,0 +1,124 @@
+"""Register a downstream task: check everything, train γ/β and the head on the frozen backbone, store one version.
+
+Everything that can be checked is checked before training (names, backbone, a duplicate task, the ``init_from``
+task, every image, the backbone's weights), and the registry is written in one transaction at the very end, so a
+failure at any point (bad data, NaN loss, Ctrl-C) leaves it exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from . import registry
+from .catalog import load_backbone, transform
+from .config import TaskMetrics, TaskRecord, TrainConfig, validate_name
+from .data import ImageDataset, load_splits
+from .errors import BackboneMismatchError
+from .model import MultiTaskSSF
+from .taskfiles import task_payload, task_tensors
+from .train import TrainProgress, TrainResult, train_task
+
+__all__ = ["train_and_store"]
+
+
+def train_and_store(
+    engine: Engine,
+    name: str,
+    backbone: str,
+    data: str | os.PathLike[str],
+    config: TrainConfig,
+    *,
+    new_version: bool = False,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> tuple[TaskRecord, TrainResult]:
+    """Train task ``name`` on ``backbone`` with the dataset at ``data`` and store it as a new version.
+
+    Everything that can be checked is checked before training starts: the names, the backbone, a duplicate
+    task, the ``init_from`` task, every image of the dataset, the backbone's weights.
+
+    Args:
+        engine: The registry.
+        name: The task's name.
+        backbone: A registered backbone's name.
+        data: An ImageFolder tree (``train/``, optional ``val/`` and ``test/``) or a ``path,label`` manifest.
+        config: How to train; ``config.init_from`` names a task whose γ/β (and head, when its class names are
+            the same) start this run.
+        new_version: Add a version to an existing task rather than refuse.
+        progress: Called with every :class:`~ssf_tasks.train.TrainProgress` report.
+
+    Returns:
+        The stored record and the training result.
+
+    Raises:
+        InvalidNameError, BackboneError, DuplicateTaskError, TaskNotFoundError, DataError, TrainingError,
+        TrainingInterrupted, RegistryError: in each case nothing is stored.
+    """
+    validate_name("backbone", backbone)
+    if config.init_from is not None:
+        validate_name("task", config.init_from)
+    init: tuple[TaskRecord, bytes] | None = None
+    with Session(engine) as s:
+        backbone_record = registry.get_backbone(s, backbone)
+        registry.check_task_addable(s, name, new_version=new_version)
+        if config.init_from is not None:
+            source = registry.get_task(s, config.init_from)
+            if source.backbone_fingerprint != backbone_record.fingerprint:
+                raise BackboneMismatchError(
+                    f"init_from task '{source.name}' was trained on backbone '{source.backbone}', not on "
+                    f"'{backbone}' (fingerprints differ); it can only start tasks of its own backbone",
+                    field="init_from",
+                )
+            init = source, registry.get_task_payload(s, source.name, source.version)
+        registry.check_writable(s)  # rolled back when the session closes
+
+    splits = load_splits(data)
+    module = load_backbone(backbone_record)
+    model = MultiTaskSSF(module, sigma=config.sigma)
+    model.add_task(name, splits.num_classes, generator=torch.Generator().manual_seed(config.seed))
+    if init is not None:
+        source, payload = init
+        start = task_tensors(payload, source.name)
+        state = model.task_state_dict(name)
+        keep_head = list(source.class_names) == list(splits.class_names)
+        missing = [k for k in state if k not in start]
+        if missing:
+            raise BackboneMismatchError(
+                f"init_from task '{source.name}' has no entry '{missing[0]}'", field="init_from"
+            )
+        state.update({k: start[k] for k in state if keep_head or not k.startswith("head.")})
+        model.update_task(name, state)
+
+    train_tf = transform(module, backbone_record, config, train=True)
+    eval_tf = transform(module, backbone_record, config, train=False)
+    result = train_task(
+        model,
+        name,
+        ImageDataset(splits.train, train_tf),
+        config,
+        val_set=ImageDataset(splits.val, eval_tf) if splits.val else None,
+        test_set=ImageDataset(splits.test, eval_tf) if splits.test else None,
+        progress=progress,
+    )
+    record = TaskRecord(
+        name=name,
+        backbone=backbone,
+        backbone_fingerprint=backbone_record.fingerprint,
+        class_names=list(splits.class_names),
+        train_config=config,
+        metrics=TaskMetrics(
+            val_top1=result.val_top1,
+            test_top1=result.test_top1,
+            epochs_run=result.epochs_run,
+            train_seconds=result.train_seconds,
+            best_epoch=result.best_epoch,
+        ),
+    )
+    payload = task_payload(model.task_state_dict(name))
+    with registry.transaction(engine, f"storing task '{name}'") as s:
+        stored = registry.add_task_version(s, record, payload, new_version=new_version)
+    return stored, result

@@ -1,0 +1,161 @@
+"""The application layer from Python, without the CLI: train and store, the Predictor (input path, mixed batches,
+refresh while running), export."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+from conftest import write_image_folder
+from ssf_tasks import training_job
+from ssf_tasks.catalog import add_backbone, list_tasks, remove_task
+from ssf_tasks.config import TrainConfig
+from ssf_tasks.data import build_transform
+from ssf_tasks.engine import Predictor, load_tasks
+from ssf_tasks.errors import DataError, DuplicateTaskError, RegistryError, SSFTasksError, TaskNotFoundError
+from ssf_tasks.export import export_task
+from ssf_tasks.image_input import split_transform
+from ssf_tasks.registry import open_registry
+from ssf_tasks.training_job import train_and_store
+
+CLASSES = ["airplane", "frog", "ship"]
+CONFIG = TrainConfig(epochs=1, batch_size=4, lr=1e-2, input_size=64, device="cpu")
+
+
+@pytest.fixture
+def engine(tmp_path):
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet").state_dict(), tmp_path / "w.safetensors")
+    write_image_folder(tmp_path / "data", CLASSES, {"train": 4, "test": 2})
+    engine = open_registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    add_backbone(engine, "tr", "test_resnet", tmp_path / "w.safetensors")
+    yield engine
+    engine.dispose()
+
+
+def test_python_flow(engine, tmp_path):
+    first, result = train_and_store(engine, "a", "tr", tmp_path / "data", CONFIG)
+    assert first.version == 1 and first.class_names == CLASSES and result.test_top1 is not None
+    train_and_store(engine, "b", "tr", tmp_path / "data", CONFIG.model_copy(update={"seed": 1}))
+    with pytest.raises(DuplicateTaskError, match="set new_version"):
+        train_and_store(engine, "a", "tr", tmp_path / "data", CONFIG)
+
+    images = sorted((tmp_path / "data" / "test").glob("*/*.jpg"))
+    items = [(p, "ab"[i % 2]) for i, p in enumerate(images)]
+    predictor = Predictor(engine, device="cpu", threads=2)
+    mixed = predictor.predict(items, batch_size=4, top_k=2)
+    assert [(p.path, p.task) for p in mixed] == items
+    for task in "ab":  # a mixed batch gives each sample what a batch of its own task gives
+        alone = predictor.predict([it for it in items if it[1] == task], top_k=2)
+        same = [p for p in mixed if p.task == task]
+        assert [p.labels for p in alone] == [p.labels for p in same]
+        assert_close([p.scores for p in alone], [p.scores for p in same])
+
+    loaded = load_tasks(engine, ["a", "b"])
+    assert list(loaded.models) == ["tr"] and loaded.model_of("a") is loaded.model_of("b")
+    assert loaded.data_config("a")["input_size"] == (3, 64, 64)
+
+    out = export_task(engine, "a", tmp_path / "export")
+    folded = timm.create_model("test_resnet", num_classes=3)
+    folded.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+
+    with pytest.raises(TaskNotFoundError, match="row 1"):
+        predictor.predict([(images[0], "nope")])
+    with pytest.raises(DataError, match="top_k must be at least 1") as caught:
+        predictor.predict([(images[0], "a")], top_k=0)
+    assert caught.value.field == "top_k"
+    with pytest.raises(DataError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        Predictor(engine, device="cpu", precision="fp16")
+
+
+@pytest.mark.parametrize("protocol", ["vtab", "fgvc"])
+def test_fast_input_path_equals_the_training_transform(tmp_path, protocol):
+    """Decode + resize in a thread, then float conversion and normalisation as a batch: the same tensor, bit for
+    bit, as timm's whole transform on the PIL image (which training and evaluation use)."""
+    model = timm.create_model("test_vit", num_classes=0)
+    paths = write_image_folder(tmp_path, ["x"], {"test": 3}, size=90)
+    Image.open(paths[0]).convert("L").save(tmp_path / "gray.png")  # grayscale and PNG take the same path
+    Image.open(paths[1]).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    paths += [tmp_path / "gray.png", tmp_path / "cmyk.jpg"]
+    transform = build_transform(model, train=False, protocol=protocol, input_size=72)
+    stage = split_transform(transform)
+    fast = stage.normalize(torch.stack([stage.to_uint8(p) for p in paths]))
+    reference = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    assert_close(fast, reference, rtol=0, atol=0)
+    from_bytes = stage.normalize(torch.stack([stage.to_uint8(p.read_bytes()) for p in paths]))
+    assert_close(from_bytes, reference, rtol=0, atol=0)
+
+
+def test_predictor_gives_the_eager_model_outputs_and_names_bad_images(engine, tmp_path):
+    train_and_store(engine, "a", "tr", tmp_path / "data", CONFIG)
+    images = sorted((tmp_path / "data" / "test").glob("*/*.jpg"))
+    predictor = Predictor(engine, device="cpu", threads=3)
+    got = predictor.predict([(p, "a") for p in images] + [(images[0].read_bytes(), "a")], batch_size=3)
+    loaded = load_tasks(engine, ["a"])
+    transform = loaded.transform("a")
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    with torch.no_grad():
+        probs = loaded.model_of("a")(batch, "a").softmax(-1)
+    assert [p.labels[0] for p in got[:-1]] == [CLASSES[int(i)] for i in probs.argmax(-1)]
+    assert_close(torch.tensor([p.scores[0] for p in got[:-1]]), probs.max(-1).values)
+    assert got[-1].labels == got[0].labels and got[-1].scores == got[0].scores  # bytes in, same answer
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(images[0].read_bytes()[:200])
+    with pytest.raises(DataError, match="broken.jpg"):
+        predictor.predict([(images[0], "a"), (broken, "a")])
+    with pytest.raises(DataError, match="item 1"):
+        predictor.predict([(b"not an image", "a")], source="request")
+
+
+def test_refresh_adds_versions_and_removes_tasks_without_changing_the_others(engine, tmp_path):
+    train_and_store(engine, "a", "tr", tmp_path / "data", CONFIG)
+    images = sorted((tmp_path / "data" / "test").glob("*/*.jpg"))
+    predictor = Predictor(engine, device="cpu", threads=2)
+    before = predictor.predict([(p, "a") for p in images], top_k=3)
+    assert predictor.refresh() == {"added": [], "updated": [], "removed": []}
+
+    other = open_registry(str(engine.url))  # another writer, as `task add` in another process would be
+    train_and_store(other, "b", "tr", tmp_path / "data", CONFIG.model_copy(update={"seed": 1}))
+    assert predictor.refresh() == {"added": ["b"], "updated": [], "removed": []}
+    mixed = predictor.predict([(p, "ab"[i % 2]) for i, p in enumerate(images)], top_k=3)
+    after = [p for p in mixed if p.task == "a"]
+    assert [p.scores for p in after] == [p.scores for p in before[::2]]  # bit for bit
+    assert [p.labels for p in after] == [p.labels for p in before[::2]]
+
+    train_and_store(other, "a", "tr", tmp_path / "data", CONFIG.model_copy(update={"seed": 7}), new_version=True)
+    assert predictor.refresh() == {"added": [], "updated": ["a"], "removed": []}
+    assert predictor.record("a").version == 2
+    remove_task(other, "b")
+    assert predictor.refresh() == {"added": [], "updated": [], "removed": ["b"]}
+    with pytest.raises(TaskNotFoundError, match="unknown task 'b'"):
+        predictor.predict([(images[0], "b")])
+    other.dispose()
+
+
+def test_read_only_registry_fails_before_training(engine, tmp_path, monkeypatch):
+    # A registry that cannot be written must be refused in the first second, not after the whole run.
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("training started on a registry that cannot store its result")
+
+    monkeypatch.setattr(training_job, "train_task", must_not_train)
+    read_only = open_registry(f"sqlite:///file:{tmp_path / 'registry.db'}?mode=ro&uri=true")
+    try:
+        with pytest.raises(RegistryError, match="readonly"):
+            train_and_store(read_only, "a", "tr", tmp_path / "data", CONFIG)
+    finally:
+        read_only.dispose()
+    assert list_tasks(engine) == []
+
+
+def test_failed_export_leaves_no_partial_files(engine, tmp_path):
+    train_and_store(engine, "a", "tr", tmp_path / "data", CONFIG)
+    out = tmp_path / "export"
+    (out / "config.json").mkdir(parents=True)  # config.json cannot be replaced: the export must fail as a whole
+    with pytest.raises(SSFTasksError, match="config.json"):
+        export_task(engine, "a", out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no model.safetensors, no temp files
