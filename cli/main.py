@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from ssf_tasks.errors import SSFTasksError
 
 from . import backbone, task
+from .serve import serve
 from .state import AppState, engine_of, stdout
 
 __all__ = ["app", "main"]
@@ -91,6 +92,7 @@ app = typer.Typer(
 )
 app.add_typer(backbone.app, name="backbone")
 app.add_typer(task.app, name="task")
+app.command("serve")(serve)
 try:  # the benchmark commands are optional (they need GPU-side extras)
     from .bench import app as bench_app
 except ImportError:

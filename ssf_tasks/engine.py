@@ -42,6 +42,7 @@ __all__ = [
     "Precision",
     "Prediction",
     "Predictor",
+    "Prepared",
     "evaluate_task",
     "folder_items",
     "load_tasks",
@@ -202,6 +203,15 @@ class _Group:
     stage: InputStage
     input_hw: tuple[int, int]
     forwards: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One decoded image waiting for its batch: its task, its group's key and the ``uint8 [3, H, W]`` pixels."""
+
+    task: str
+    group: tuple
+    image: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -366,7 +376,13 @@ class Predictor:
         return next((size for size in self.warm_batch_sizes if size >= count), count)
 
     def _logits(
-        self, group: _Group, images: torch.Tensor, tasks: Sequence[str], bucket: int, *, compiled: bool
+        self,
+        group: _Group,
+        images: torch.Tensor,
+        tasks: Sequence[str],
+        bucket: int,
+        *,
+        compiled: bool,
     ) -> torch.Tensor:
         """Logits ``[b, max_classes]`` of one uint8 batch (``b <= bucket``), padded to ``bucket`` when compiled."""
         model = group.model
@@ -442,17 +458,63 @@ class Predictor:
                 tasks = [items[i][1] for i in rows]
                 bucket = batch_size if compiled else len(rows)
                 logits = self._logits(group, images, tasks, bucket, compiled=compiled)
-                for i, task, (labels, scores) in zip(rows, tasks, self.top_k(logits, tasks, top_k), strict=True):
+                for i, task, (labels, scores) in zip(
+                    rows, tasks, self.top_k(logits, tasks, top_k, state=state), strict=True
+                ):
                     image = items[i][0]
                     path = _label(image, source, i + 1) if isinstance(image, bytes) else Path(image)
                     results[i] = Prediction(path=path, task=task, labels=labels, scores=scores)
         return [r for r in results if r is not None]
 
-    def top_k(self, logits: torch.Tensor, tasks: Sequence[str], k: int) -> list[tuple[list[str], list[float]]]:
+    def prepare(self, image: ImageSource, task: str, name: str | None = None) -> Prepared:
+        """Decode and resize one image for ``task`` (thread-safe; a server runs it in :attr:`pool`).
+
+        Raises:
+            TaskNotFoundError: the task is not loaded.
+            DataError: the image cannot be read (naming it ``name``).
+        """
+        state = self._state
+        if task not in state.group_of:
+            self.record(task)  # raises, listing the known tasks
+        key = state.group_of[task]
+        return Prepared(task, key, state.groups[key].stage.to_uint8(image, name))
+
+    def run_prepared(self, items: Sequence[Prepared], top_k: int = 1) -> list[tuple[list[str], list[float]] | str]:
+        """One mixed batch of prepared images (any tasks): per item ``(labels, scores)``, or an error message for
+        an item whose task was removed or changed its transform since it was prepared."""
+        state = self._state
+        out: list[tuple[list[str], list[float]] | str] = [""] * len(items)
+        by_group: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            if state.group_of.get(item.task) != item.group:
+                out[i] = f"task '{item.task}' is no longer served as it was; send the image again"
+            else:
+                by_group.setdefault(item.group, []).append(i)
+        largest = max(self.warm_batch_sizes, default=0)
+        chunks = [
+            (key, rows[start : start + (largest or len(rows))])
+            for key, rows in by_group.items()
+            for start in range(0, len(rows), largest or len(rows))
+        ]
+        for key, rows in chunks:  # no batch beyond the largest warmed-up size: it would compile a new graph
+            tasks = [items[i].task for i in rows]
+            images = torch.stack([items[i].image for i in rows])
+            if self.device.type == "cuda":
+                images = images.pin_memory()
+            logits = self._logits(
+                state.groups[key], images, tasks, self.bucket(len(rows)), compiled=bool(self.compile)
+            )
+            for i, result in zip(rows, self.top_k(logits, tasks, top_k, state=state), strict=True):
+                out[i] = result
+        return out
+
+    def top_k(
+        self, logits: torch.Tensor, tasks: Sequence[str], k: int, *, state: _State | None = None
+    ) -> list[tuple[list[str], list[float]]]:
         """``(labels, softmax scores)`` of each row's ``k`` best classes of its own task."""
         probs = logits.float().softmax(dim=-1).cpu()
         scores, columns = probs.topk(min(k, probs.shape[1]), dim=-1)
-        records = self._state.records
+        records = (state or self._state).records
         out = []
         for j, task in enumerate(tasks):
             names = records[task].class_names
