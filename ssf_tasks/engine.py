@@ -207,7 +207,7 @@ class _Group:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One decoded image waiting for its batch: its task, its group's key and the ``uint8 [3, H, W]`` pixels."""
+    """One decoded image waiting for its batch: its task, its group's key and the ``uint8 [H, W, 3]`` pixels."""
 
     task: str
     group: tuple
@@ -368,7 +368,7 @@ class Predictor:
         for key, group in state.groups.items():
             task = next(n for n, k in state.group_of.items() if k == key)
             for size in batch_sizes:
-                images = torch.zeros(size, 3, *group.input_hw, dtype=torch.uint8)
+                images = torch.zeros(size, *group.input_hw, 3, dtype=torch.uint8)
                 self._logits(group, images, [task] * size, size, compiled=bool(self.compile))
 
     def bucket(self, count: int) -> int:
@@ -384,7 +384,8 @@ class Predictor:
         *,
         compiled: bool,
     ) -> torch.Tensor:
-        """Logits ``[b, max_classes]`` of one uint8 batch (``b <= bucket``), padded to ``bucket`` when compiled."""
+        """Logits ``[b, max_classes]`` of one ``uint8 [b, H, W, 3]`` batch (``b <= bucket``), padded to ``bucket`` when
+        compiled."""
         model = group.model
         count = images.shape[0]
         index = torch.tensor([model.task_index(t) for t in tasks], dtype=torch.long)
@@ -453,7 +454,8 @@ class Predictor:
             sources = [items[i][0] for i in indices]
             names = [_label(items[i][0], source, i + 1) for i in indices]
             pin = self.device.type == "cuda"
-            for images, span in iter_batches(self.pool, group.stage, sources, batch_size, names=names, pin=pin):
+            batches_of = iter_batches(self.pool, group.stage, sources, batch_size, group.input_hw, names=names, pin=pin)
+            for images, span in batches_of:
                 rows = [indices[j] for j in span]
                 tasks = [items[i][1] for i in rows]
                 bucket = batch_size if compiled else len(rows)
@@ -499,8 +501,6 @@ class Predictor:
         for key, rows in chunks:  # no batch beyond the largest warmed-up size: it would compile a new graph
             tasks = [items[i].task for i in rows]
             images = torch.stack([items[i].image for i in rows])
-            if self.device.type == "cuda":
-                images = images.pin_memory()
             logits = self._logits(
                 state.groups[key], images, tasks, self.bucket(len(rows)), compiled=bool(self.compile)
             )

@@ -66,16 +66,23 @@ class InputStage:
     std: tuple[float, ...]
 
     def to_uint8(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
-        """Decode and resize one image: ``uint8 [3, H, W]``."""
-        array = np.asarray(self.resize(load_rgb(source, name)))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        """Decode and resize one image: ``uint8 [H, W, 3]`` (the layout PIL gives: one copy, no transpose)."""
+        return torch.from_numpy(np.array(self.resize(load_rgb(source, name)), dtype=np.uint8))
+
+    def decode_into(self, out: torch.Tensor, source: ImageSource, name: str | None = None) -> None:
+        """Decode and resize one image straight into ``out`` (``uint8 [H, W, 3]``, a slot of a batch buffer)."""
+        image = np.asarray(self.resize(load_rgb(source, name)), dtype=np.uint8)
+        if image.shape != tuple(out.shape):
+            raise DataError(f"image {name or source} is {image.shape} after the transform, not {tuple(out.shape)}")
+        out.numpy()[...] = image
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """``uint8 [B, 3, H, W]`` to what the full transform gives: ``(x / 255 - mean) / std`` in float32."""
-        x = batch.to(torch.float32).div(255)
+        """``uint8 [B, H, W, 3]`` to what the full transform gives, ``(x / 255 - mean) / std`` as ``float32
+        [B, 3, H, W]``: the same operations in the same order as ``ToTensor`` and ``Normalize``."""
+        x = batch.permute(0, 3, 1, 2).to(torch.float32).div(255)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        return x.sub(mean).div(std)
+        return x.sub(mean).div(std).contiguous()
 
 
 def split_transform(transform: Callable) -> InputStage:
@@ -103,38 +110,50 @@ def iter_batches(
     stage: InputStage,
     sources: Sequence[ImageSource],
     batch_size: int,
+    input_hw: tuple[int, int],
     *,
     names: Sequence[str] | None = None,
     prefetch: int = 3,
     pin: bool = False,
 ) -> Iterator[tuple[torch.Tensor, range]]:
-    """``(uint8 batch [b, 3, H, W], positions in sources)`` in order, with ``prefetch`` batches decoding ahead.
+    """``(uint8 batch [b, H, W, 3], positions in sources)`` in order, with ``prefetch`` batches decoding ahead.
+
+    Each thread decodes its image straight into its slot of a batch buffer; ``prefetch + 2`` buffers (pinned for a
+    GPU) are reused in turn, so a buffer is written again only after its batch was copied and run (the caller
+    reads each batch's results back before asking for the next one).
 
     Raises:
         DataError: the first image (in order) that cannot be read, naming it.
     """
+    ring = [torch.empty(batch_size, *input_hw, 3, dtype=torch.uint8, pin_memory=pin) for _ in range(prefetch + 2)]
     starts = iter(range(0, len(sources), batch_size))
-    pending: deque[tuple[range, list[Future[torch.Tensor]]]] = deque()
+    pending: deque[tuple[range, torch.Tensor, list[Future[None]]]] = deque()
+    turn = 0
 
     def submit() -> None:
+        nonlocal turn
         start = next(starts, None)
-        if start is not None:
-            span = range(start, min(start + batch_size, len(sources)))
-            pending.append((span, [pool.submit(stage.to_uint8, sources[i], names[i] if names else None) for i in span]))
+        if start is None:
+            return
+        span = range(start, min(start + batch_size, len(sources)))
+        buffer = ring[turn % len(ring)][: len(span)]
+        turn += 1
+        futures = [
+            pool.submit(stage.decode_into, buffer[j], sources[i], names[i] if names else None)
+            for j, i in enumerate(span)
+        ]
+        pending.append((span, buffer, futures))
 
     for _ in range(prefetch + 1):
         submit()
     try:
         while pending:
-            span, futures = pending.popleft()
-            images = [f.result() for f in futures]
+            span, buffer, futures = pending.popleft()
+            for future in futures:
+                future.result()
             submit()
-            shapes = {tuple(i.shape) for i in images}
-            if len(shapes) != 1:
-                raise DataError(f"images of one batch have different sizes after the transform: {sorted(shapes)}")
-            batch = torch.stack(images)
-            yield (batch.pin_memory() if pin else batch), span
+            yield buffer, span
     finally:
-        for _, futures in pending:
+        for _, _, futures in pending:
             for future in futures:
                 future.cancel()

@@ -84,6 +84,10 @@ def test_fast_input_path_equals_the_training_transform(tmp_path, protocol):
     transform = build_transform(model, train=False, protocol=protocol, input_size=72)
     stage = split_transform(transform)
     fast = stage.normalize(torch.stack([stage.to_uint8(p) for p in paths]))
+    slots = torch.zeros(len(paths), 72, 72, 3, dtype=torch.uint8)
+    for slot, path in zip(slots, paths, strict=True):
+        stage.decode_into(slot, path)
+    assert_close(stage.normalize(slots), fast, rtol=0, atol=0)
     reference = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     assert_close(fast, reference, rtol=0, atol=0)
     from_bytes = stage.normalize(torch.stack([stage.to_uint8(p.read_bytes()) for p in paths]))
