@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import make_backbone
+from conftest import make_backbone, write_image_folder
 from ssf_tasks import MultiTaskSSF, TrainingError, TrainingInterrupted
 from ssf_tasks.config import TrainConfig
 from ssf_tasks.data import ImageDataset, build_transform
@@ -15,21 +15,21 @@ from ssf_tasks.train import evaluate, train_task
 CLASSES = ["airplane", "frog", "ship"]
 
 
-def _cifar(assets, split: str, per_class: int, backbone) -> ImageDataset:
+def _images(root, split: str, backbone) -> ImageDataset:
     samples = []
     for label, name in enumerate(CLASSES):
-        paths = sorted((assets / "datasets" / "cifar10" / split / name).glob("*.jpg"))[:per_class]
-        samples += [(p, label) for p in paths]
+        samples += [(p, label) for p in sorted((root / split / name).glob("*.jpg"))]
     return ImageDataset(samples, build_transform(backbone, train=False, protocol="vtab", input_size=64))
 
 
 @pytest.fixture
-def setup(assets):
+def setup(tmp_path):
+    write_image_folder(tmp_path, CLASSES, {"train": 12, "val": 4})
     model = MultiTaskSSF(make_backbone("resnet"))
     model.add_task("other", 4, generator=torch.Generator().manual_seed(1))
     model.add_task("cifar", 3, generator=torch.Generator().manual_seed(2))
-    train = _cifar(assets, "train", 12, model.backbone)
-    val = _cifar(assets, "val", 4, model.backbone)
+    train = _images(tmp_path, "train", model.backbone)
+    val = _images(tmp_path, "val", model.backbone)
     return model, train, val
 
 
@@ -57,7 +57,7 @@ def test_training_learns_and_touches_nothing_else(setup):
         assert torch.equal(value, backbone_before[key]), key
 
 
-def test_training_is_reproducible(setup, assets):
+def test_training_is_reproducible(setup):
     model, train, _ = setup
     config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, device="cpu", seed=7)
     initial = model.task_state_dict("cifar")
