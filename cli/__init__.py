@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 __all__ = ["main"]
@@ -14,9 +15,15 @@ def main() -> None:
     ``main.py``'s error boundary exists and would print a long traceback. This module imports nothing heavy,
     so the boundary can start here.
     """
+    signal.signal(signal.SIGTERM, _terminated_while_starting)
     try:
         from .main import app
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         raise SystemExit(130) from None
     app()
+
+
+def _terminated_while_starting(signum: int, frame: object) -> None:
+    sys.stderr.write("error: terminated\n")
+    raise SystemExit(143)

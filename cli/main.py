@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -58,10 +60,21 @@ def _one_line(error: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C: training stops and stores nothing, files are not half
+    written, and the command ends with one line and exit code 143."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated("terminated")
+
+
 class _CleanErrors(TyperGroup):
     """The root command group; every sub-command runs inside its ``invoke``, so this is the error boundary."""
 
     def invoke(self, ctx: typer.Context) -> Any:
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
         try:
             return super().invoke(ctx)
         except typer.TyperException as error:  # a missing option, a bad value, an unknown command
@@ -75,8 +88,11 @@ class _CleanErrors(TyperGroup):
             interrupted = isinstance(error, KeyboardInterrupt)
             message = _one_line(error) if not (interrupted and not str(error)) else "interrupted"
             typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(130 if interrupted else 1) from None
+            terminated = isinstance(error, Terminated) or isinstance(error.__context__, Terminated)
+            raise typer.Exit(143 if terminated else 130 if interrupted else 1) from None
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             state = ctx.find_object(AppState)
             if state is not None:
                 state.close()
