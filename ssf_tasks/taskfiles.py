@@ -22,7 +22,14 @@ from .atomic_files import atomic_path
 from .config import BackboneRecord, TaskFile, TaskRecord, validate_name
 from .errors import BackboneError, DataError, SSFTasksError
 
-__all__ = ["TASK_FILE_METADATA_KEY", "export_task_file", "import_task_file", "task_payload", "task_tensors"]
+__all__ = [
+    "TASK_FILE_METADATA_KEY",
+    "check_task_tensors",
+    "export_task_file",
+    "import_task_file",
+    "task_payload",
+    "task_tensors",
+]
 
 TASK_FILE_METADATA_KEY = "ssf_tasks"
 """Key of the task's JSON record (a :class:`~ssf_tasks.config.TaskFile`) in a task file's safetensors metadata."""
@@ -36,6 +43,34 @@ def task_tensors(payload: bytes, name: str) -> dict[str, torch.Tensor]:
         return safetensors.torch.load(payload)
     except Exception as e:  # safetensors raises its own error types for damaged bytes
         raise SSFTasksError(f"the stored tensors of task '{name}' cannot be read: {e}") from e
+
+
+def check_task_tensors(tensors: dict[str, torch.Tensor], backbone: BackboneRecord, classes: int, where: str) -> None:
+    """Refuse tensors that would not load onto ``backbone`` as a task of ``classes`` classes: a missing, extra or
+    wrongly shaped entry, a dtype other than a float, a non-finite value. Checked on a model built on the meta
+    device (no weights read), before anything is written.
+
+    Raises:
+        DataError: naming ``where`` and the first problem.
+    """
+    import timm
+
+    from .errors import StateDictMismatchError
+    from .model import MultiTaskSSF
+
+    for key, value in tensors.items():
+        if value.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise DataError(f"{where}: '{key}' has dtype {value.dtype}, not a floating point type")
+        if not torch.isfinite(value).all():
+            raise DataError(f"{where}: '{key}' holds non-finite values")
+    with torch.device("meta"):
+        model = MultiTaskSSF(timm.create_model(backbone.timm_name.split(".", 1)[0], num_classes=0))
+    try:
+        found = model._check_task_state("imported", tensors)
+    except StateDictMismatchError as e:
+        raise DataError(f"{where}: {e}") from e
+    if found != classes:
+        raise DataError(f"{where}: its head has {found} classes, its record names {classes}")
 
 
 def task_payload(state: dict[str, torch.Tensor]) -> bytes:
@@ -114,5 +149,6 @@ def import_task_file(engine: Engine, file: str | os.PathLike[str], *, new_versio
         )
     chosen = next((b for b in matches if b.name == record.backbone), matches[0])
     record = record.model_copy(update={"backbone": chosen.name})
+    check_task_tensors(tensors, chosen, len(record.class_names), f"task file {path}")
     with registry.transaction(engine, f"importing task '{record.name}'") as s:
         return registry.add_task_version(s, record, payload, new_version=new_version)
