@@ -109,23 +109,23 @@ def test_infer_raw_json_and_mixed_agree_with_predict(server, tmp_path):
         assert abs(single["score"] - score) < 1e-5 and abs(one_of_mixed["score"] - score) < 1e-5
 
 
-@pytest.mark.parametrize(
-    "method, path, kwargs, status, needle",
-    [
-        ("post", "/v2/models/nope/infer", {"content": b"x", "headers": {"content-type": "image/jpeg"}}, 404, "unknown task"),
-        ("post", "/v2/models/a/infer", {"content": b"not an image", "headers": {"content-type": "image/jpeg"}}, 400, "cannot read image"),
-        ("post", "/v2/models/a/infer", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
-        ("post", "/v2/models/a/infer", {"content": b"x" * 60_000, "headers": {"content-type": "image/jpeg"}}, 413, "over the limit"),
-        ("post", "/v2/models/a/infer", {"content": b"{", "headers": {"content-type": "application/json"}}, 400, "invalid JSON"),
-        ("post", "/v2/models/a/infer", {"json": {"inputs": [{"data": ["%%%"]}]}}, 400, "invalid base64"),
-        ("post", "/v2/models/a/infer", {"json": {"inputs": [{"data": ["aGk="] * 9}]}}, 413, "at most 8"),
-        ("post", "/v2/models/a/infer", {"json": {"inputs": [{"data": []}]}}, 400, "no images"),
-        ("post", "/v2/infer", {"json": {"inputs": [{"task": "a"}]}}, 400, "expected a base64 string"),
-        ("post", "/v2/infer", {"json": {"inputs": [{"task": "zzz", "data": "aGk="}]}}, 404, "unknown task"),
-        ("post", "/v2/infer", {"json": {"inputs": [], "top_k": 1}}, 400, "no images"),
-        ("post", "/v2/infer", {"json": {"inputs": [{"task": "a", "data": "aGk="}], "top_k": 0}}, 400, "top_k"),
-    ],
-)  # fmt: skip
+BAD_REQUESTS = [
+    ("post", "/v2/models/nope/infer", {"content": b"x", "headers": {"content-type": "image/jpeg"}}, 404, "unknown task"),
+    ("post", "/v2/models/a/infer", {"content": b"not an image", "headers": {"content-type": "image/jpeg"}}, 400, "cannot read image"),
+    ("post", "/v2/models/a/infer", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
+    ("post", "/v2/models/a/infer", {"content": b"x" * 60_000, "headers": {"content-type": "image/jpeg"}}, 413, "over the limit"),
+    ("post", "/v2/models/a/infer", {"content": b"{", "headers": {"content-type": "application/json"}}, 400, "invalid JSON"),
+    ("post", "/v2/models/a/infer", {"json": {"inputs": [{"data": ["%%%"]}]}}, 400, "invalid base64"),
+    ("post", "/v2/models/a/infer", {"json": {"inputs": [{"data": ["aGk="] * 9}]}}, 413, "at most 8"),
+    ("post", "/v2/models/a/infer", {"json": {"inputs": [{"data": []}]}}, 400, "no images"),
+    ("post", "/v2/infer", {"json": {"inputs": [{"task": "a"}]}}, 400, "expected a base64 string"),
+    ("post", "/v2/infer", {"json": {"inputs": [{"task": "zzz", "data": "aGk="}]}}, 404, "unknown task"),
+    ("post", "/v2/infer", {"json": {"inputs": [], "top_k": 1}}, 400, "no images"),
+    ("post", "/v2/infer", {"json": {"inputs": [{"task": "a", "data": "aGk="}], "top_k": 0}}, 400, "top_k"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, needle", BAD_REQUESTS)
 def test_bad_requests_get_a_4xx_with_a_message(server, method, path, kwargs, status, needle):
     response = getattr(httpx, method)(server["base"] + path, **kwargs)
     assert response.status_code == status, response.text
