@@ -273,9 +273,18 @@ def _configure_sqlite(engine: Engine, busy_timeout: float) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+_SCHEMA_LOCK_KEY = 0x55F7A5C5
+"""PostgreSQL advisory lock key taken while checking and creating the tables (advisory locks are per database)."""
+
+
 def _ensure_schema(engine: Engine) -> None:
     # One transaction: two processes opening a new registry at once must not both create it.
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # PostgreSQL's CREATE TABLE is transactional but does not wait for a concurrent one: the second
+            # creator fails on the catalog's unique index ("pg_type_typname_nsp_index") once the first commits.
+            # Serialise first opens on a lock of this database, released when this transaction ends.
+            conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
         if inspect(conn).has_table(_SchemaInfo.__tablename__):
             found = conn.execute(select(_SchemaInfo.schema_version)).scalar_one_or_none()
             if found is not None and found > SCHEMA_VERSION:

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,76 @@ def run_in_triton_interpreter(code: str):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------- registry databases
+
+POSTGRES_ENV = "SSF_TASKS_TEST_POSTGRES"
+"""Admin URL of the PostgreSQL server the registry tests run on (they create and drop one database per test
+there), or ``off`` to skip the PostgreSQL half of those tests on purpose."""
+
+DEFAULT_POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[object]:
+    """An AUTOCOMMIT engine on the admin database named by $SSF_TASKS_TEST_POSTGRES.
+
+    An unreachable server fails every PostgreSQL test with the reason (a silent skip would hide that half of the
+    suite); only ``SSF_TASKS_TEST_POSTGRES=off`` skips them.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    setting = os.environ.get(POSTGRES_ENV, "").strip() or DEFAULT_POSTGRES_ADMIN_URL
+    if setting.lower() == "off":
+        pytest.skip(f"{POSTGRES_ENV}=off: the registry's PostgreSQL tests are switched off")
+    how_to = (
+        f"start the server, point {POSTGRES_ENV} at an admin database URL of one "
+        f"(default {DEFAULT_POSTGRES_ADMIN_URL}), or set {POSTGRES_ENV}=off to skip these tests"
+    )
+    try:
+        url = make_url(setting)
+    except Exception:
+        url = None
+    if url is None:
+        pytest.fail(f"{POSTGRES_ENV}={setting!r} is not a database URL; {how_to}", pytrace=False)
+    shown = url.render_as_string(hide_password=True)
+    connect_args = {"connect_timeout": 10} if url.get_driver_name() in ("psycopg", "psycopg2") else {}
+    failure = None
+    try:
+        engine = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool, connect_args=connect_args)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except ImportError as e:
+        failure = f"no PostgreSQL driver for {shown} ({e}): install the dev extra"
+    except Exception as e:
+        reason = " ".join(str(getattr(e, "orig", None) or e).split())
+        failure = f"cannot reach PostgreSQL at {shown}: {reason}; {how_to}"
+    if failure is not None:  # outside the except: the message alone, without the driver's exception chain
+        pytest.fail(failure, pytrace=False)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of a new, empty registry database: an SQLite file under tmp_path, or a PostgreSQL database created
+    for this test alone on the server of $SSF_TASKS_TEST_POSTGRES and dropped after it."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'home' / 'registry.db'}"
+        return
+    from sqlalchemy import text
+
+    admin = request.getfixturevalue("postgres_admin")
+    name = f"ssf_test_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        # template0 is never connected to, so creating from it cannot fail on a busy template1.
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            # FORCE: a worker process a failed test left behind must not keep the database alive.
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

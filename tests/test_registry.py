@@ -1,4 +1,9 @@
-"""The registry on real SQLite files: round trips, versioning, errors, transactions and concurrent writers."""
+"""The registry on a real SQLite file and a real PostgreSQL database: round trips, versioning, errors, transactions,
+and concurrent writers and readers in separate processes.
+
+Every test that opens a registry runs on both backends (``registry_url`` in conftest.py); the PostgreSQL server
+is the one $SSF_TASKS_TEST_POSTGRES names, and only ``SSF_TASKS_TEST_POSTGRES=off`` skips those.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,16 @@ import hashlib
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+import registry_workers
 from pydantic import ValidationError
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from ssf_tasks.config import (
@@ -50,7 +58,7 @@ from ssf_tasks.registry import (
     transaction,
 )
 
-FINGERPRINT = hashlib.sha256(b"vit-tiny weights").hexdigest()
+FINGERPRINT = registry_workers.FINGERPRINT
 OTHER_FINGERPRINT = hashlib.sha256(b"other weights").hexdigest()
 
 
@@ -79,9 +87,7 @@ def _task(name: str = "flowers", **overrides: object) -> TaskRecord:
     return TaskRecord.model_validate(fields)
 
 
-def _payload(seed: int) -> bytes:
-    # Incompressible, non-UTF-8 bytes of a realistic size, different for every seed.
-    return b"".join(hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(4096))
+_payload = registry_workers.payload  # incompressible, non-UTF-8 bytes of a realistic size, different for every seed
 
 
 def _add(engine: Engine, record: TaskRecord, payload: bytes, *, new_version: bool = True) -> TaskRecord:
@@ -89,9 +95,14 @@ def _add(engine: Engine, record: TaskRecord, payload: bytes, *, new_version: boo
         return add_task_version(s, record, payload, new_version=new_version)
 
 
+def _is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'home' / 'registry.db'}"
+def url(registry_url: str) -> str:
+    """A new registry on SQLite, then on PostgreSQL (see ``registry_url`` in conftest.py)."""
+    return registry_url
 
 
 @pytest.fixture
@@ -170,8 +181,13 @@ def test_versions_increment_and_latest_wins(engine: Engine) -> None:
 def test_duplicate_without_new_version_changes_nothing(engine: Engine) -> None:
     _add(engine, _task(), _payload(0))
     # The session commits after pytest.raises swallows the error: even so, nothing may have been written.
-    with Session(engine) as s, s.begin(), pytest.raises(DuplicateTaskError, match="--new-version"):
+    with (
+        Session(engine) as s,
+        s.begin(),
+        pytest.raises(DuplicateTaskError, match="already exists.*new_version") as info,
+    ):
         add_task_version(s, _task(class_names=["x", "y"]), _payload(1), new_version=False)
+    assert info.value.field == "new_version"
     with Session(engine) as s, s.begin():
         assert [r.version for r in list_task_versions(s, "flowers")] == [1]
         assert get_task(s, "flowers").class_names == ["daisy", "rose", "tulip"]
@@ -258,14 +274,32 @@ def test_rolled_back_transaction_leaves_no_version(engine: Engine) -> None:
 # ------------------------------------------------------------------------------------ opening, schema
 
 
-def test_open_creates_folder_and_uses_wal(url: str, tmp_path: Path) -> None:
+def test_open_creates_the_schema(url: str) -> None:
     engine = open_registry(url)
+    with engine.connect() as conn:
+        assert sorted(inspect(conn).get_table_names()) == ["backbones", "schema_info", "task_versions", "tasks"]
+        assert conn.execute(text("SELECT id, schema_version FROM schema_info")).all() == [(1, SCHEMA_VERSION)]
+    engine.dispose()
+    open_registry(url).dispose()  # reopening an existing registry is fine
+    engine = open_registry(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id, schema_version FROM schema_info")).all() == [(1, SCHEMA_VERSION)]
+    engine.dispose()
+
+
+def test_sqlite_open_creates_folder_and_uses_wal(tmp_path: Path) -> None:
+    engine = open_registry(f"sqlite:///{tmp_path / 'home' / 'registry.db'}")
     assert (tmp_path / "home" / "registry.db").is_file()
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.execute(text("SELECT schema_version FROM schema_info")).scalar_one() == SCHEMA_VERSION
     engine.dispose()
-    open_registry(url).dispose()  # reopening an existing registry is fine
+
+
+def test_unreachable_server_is_a_registry_error() -> None:
+    with pytest.raises(RegistryError, match="Connection refused") as info:
+        open_registry("postgresql+psycopg://nobody:secret@127.0.0.1:1/db")
+    assert str(info.value).startswith("cannot open registry postgresql+psycopg://nobody:***@127.0.0.1:1/db: ")
+    assert "secret" not in str(info.value)
 
 
 def test_newer_schema_is_refused(url: str) -> None:
@@ -312,7 +346,7 @@ def test_default_registry_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 # ----------------------------------------------------------------------------------------- concurrency
 
 
-def test_two_engines_share_one_file(engine: Engine, url: str) -> None:
+def test_two_engines_share_one_database(engine: Engine, url: str) -> None:
     second = open_registry(url)
     _add(engine, _task(), _payload(0))
     assert _add(second, _task(), _payload(1)).version == 2
@@ -323,8 +357,10 @@ def test_two_engines_share_one_file(engine: Engine, url: str) -> None:
 
 
 def test_second_writer_waits_for_the_first(engine: Engine, url: str) -> None:
+    # The first writer creates the task and has not committed: the second (SQLite: at BEGIN IMMEDIATE;
+    # PostgreSQL: on the new row's unique key) must wait, then add version 2 of the task that now exists.
     second = open_registry(url)
-    impatient = open_registry(url, sqlite_busy_timeout=0.1)
+    impatient = open_registry(url, sqlite_busy_timeout=0.1) if _is_sqlite(url) else None
     results: list[int] = []
     with Session(engine) as s, s.begin():
         add_task_version(s, _task(), _payload(0), new_version=False)
@@ -332,42 +368,142 @@ def test_second_writer_waits_for_the_first(engine: Engine, url: str) -> None:
         waiter.start()
         time.sleep(0.3)
         assert waiter.is_alive(), "the second writer should be waiting for the lock"
-        with pytest.raises(RegistryError, match="locked"):
-            _add(impatient, _task(), _payload(2))
+        if impatient is not None:
+            with pytest.raises(RegistryError, match="locked"):
+                _add(impatient, _task(), _payload(2))
+            impatient.dispose()
     waiter.join(timeout=10)
     assert results == [2]
+    with Session(engine) as s, s.begin():
+        assert [(r.version, get_task_payload(s, "flowers", r.version)) for r in list_task_versions(s, "flowers")] == [
+            (1, _payload(0)),
+            (2, _payload(1)),
+        ]
     second.dispose()
-    impatient.dispose()
 
 
-def _add_versions_in_subprocess(url: str, barrier: object, queue: object, worker: int) -> None:
+_SPAWN = multiprocessing.get_context("spawn")  # a fresh interpreter, as a second ssf-tasks command would be
+
+
+def _run_processes(
+    jobs: list[tuple[Callable[..., None], tuple[Any, ...]]], *, stop: Any = None, stop_after: int = 0
+) -> list[Any]:
+    """Run each ``(target, (url, barrier, *rest))`` as ``target(url, barrier, queue, index, *rest)`` in a process of
+    its own and return what each reported, by index; fail with a worker's traceback if one failed.
+
+    With ``stop`` (an Event), it is set as soon as workers ``0 .. stop_after-1`` are done (the writers), so that
+    the others (readers polling until it is set) finish too.
+    """
+    queue = _SPAWN.Queue()
+    procs = [_SPAWN.Process(target=target, args=(*a[:2], queue, i, *a[2:])) for i, (target, a) in enumerate(jobs)]
+    try:
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        while len(results) < len(procs):
+            worker, status, body = queue.get(timeout=60)
+            assert status == "ok", f"worker {worker} failed:\n{body}"
+            results[worker] = body
+            if stop is not None and all(w in results for w in range(stop_after)):
+                stop.set()
+        for p in procs:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+        return [results[i] for i in range(len(procs))]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def test_concurrent_first_open_creates_the_schema_once(url: str) -> None:
+    # Several ssf-tasks commands run for the first time against the same new database: all must open it.
+    barrier = _SPAWN.Barrier(3)
+    assert _run_processes([(registry_workers.open_only, (url, barrier))] * 3) == [None] * 3
     engine = open_registry(url)
-    barrier.wait()  # type: ignore[attr-defined]
-    versions = [_add(engine, _task(), _payload(100 * worker + i)).version for i in range(5)]
-    queue.put((worker, versions))  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        assert sorted(inspect(conn).get_table_names()) == ["backbones", "schema_info", "task_versions", "tasks"]
+        assert conn.execute(text("SELECT id, schema_version FROM schema_info")).all() == [(1, SCHEMA_VERSION)]
     engine.dispose()
 
 
+def test_two_processes_register_the_same_new_name(engine: Engine, url: str) -> None:
+    # Both processes try each new name at the same moment, new_version=False, and keep their transaction open a
+    # little after writing: for every name exactly one stores version 1, the other gets DuplicateTaskError.
+    names = [f"race-{i}" for i in range(4)]
+    barrier = _SPAWN.Barrier(2)
+    outcomes = _run_processes([(registry_workers.register_new_tasks, (url, barrier, names, 0.15))] * 2)
+    winners: dict[str, int] = {}
+    for name in names:
+        got = sorted((outcomes[w][name], w) for w in range(2))
+        (loser_outcome, _), (winner_outcome, winner) = got
+        assert winner_outcome == ("stored", 1), got
+        assert loser_outcome[0] == "duplicate", got
+        assert loser_outcome[1].startswith(f"task '{name}' already exists (latest version 1)")
+        assert loser_outcome[2] == "new_version"
+        winners[name] = winner
+    with Session(engine) as s, s.begin():
+        rows = s.execute(text("SELECT name, last_version FROM tasks ORDER BY name")).all()
+        assert [tuple(r) for r in rows] == [(name, 1) for name in names]
+        rows = s.execute(text("SELECT task_name, version FROM task_versions ORDER BY task_name, version")).all()
+        assert [tuple(r) for r in rows] == [(name, 1) for name in names]
+        for name, winner in winners.items():
+            assert get_task(s, name).class_names == [f"class-{winner}", "other"]
+            assert get_task_payload(s, name) == _payload(winner)
+
+
 def test_concurrent_processes_get_distinct_versions(engine: Engine, url: str) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_add_versions_in_subprocess, args=(url, barrier, queue, w)) for w in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    versions = results[0] + results[1]
-    assert sorted(versions) == list(range(1, 11))
-    assert all(v == sorted(v) for v in results.values())
+    # Four processes add three versions each of a task none of them has yet, all at once (new_version=True):
+    # versions 1..12, each with the record and bytes its writer sent, none lost, none twice.
+    workers, per_worker = 4, 3
+    barrier = _SPAWN.Barrier(workers)
+    seeds = [[100 * w + i for i in range(per_worker)] for w in range(workers)]
+    results = _run_processes(
+        [(registry_workers.add_versions, (url, barrier, "flowers", seeds[w], 0.02)) for w in range(workers)]
+    )
+    for w, done in enumerate(results):
+        assert [seed for _, seed in done] == seeds[w]
+        assert [v for v, _ in done] == sorted(v for v, _ in done)  # one writer's versions are in its order
+    seed_of = {version: seed for done in results for version, seed in done}
+    assert sorted(seed_of) == list(range(1, workers * per_worker + 1))
     with Session(engine) as s, s.begin():
         stored = list_task_versions(s, "flowers")
-        assert [r.version for r in stored] == list(range(1, 11))
-        # Each version holds the payload its writer sent with it.
-        for worker, worker_versions in results.items():
-            for i, version in enumerate(worker_versions):
-                assert get_task_payload(s, "flowers", version) == _payload(100 * worker + i)
+        assert [r.version for r in stored] == list(range(1, workers * per_worker + 1))
+        for record in stored:
+            seed = seed_of[record.version]
+            assert record.train_config.seed == seed
+            assert record.class_names == [f"class-{seed}", "other"]
+            assert record.payload_sha256 == hashlib.sha256(_payload(seed)).hexdigest()
+            assert get_task_payload(s, "flowers", record.version) == _payload(seed)
+        assert s.execute(select(func.count()).select_from(text("task_versions"))).scalar_one() == len(seed_of)
+        assert s.execute(text("SELECT last_version FROM tasks WHERE name = 'flowers'")).scalar_one() == len(seed_of)
+
+
+def test_readers_never_see_a_half_written_version(engine: Engine, url: str) -> None:
+    # Two writers add versions (each transaction held open a moment after its write) while two readers poll the
+    # versions, payloads, latest version and listing: a reader sees versions 1..k with exactly their bytes, k
+    # never going down, and at the end all of them.
+    writers, readers, per_writer = 2, 2, 5
+    barrier, stop, reads = _SPAWN.Barrier(writers + readers), _SPAWN.Event(), _SPAWN.Value("i", 0)
+    seeds = [[1000 * w + i for i in range(per_writer)] for w in range(writers)]
+    writing = [
+        (registry_workers.add_versions, (url, barrier, "flowers", seeds[w], 0.05, reads)) for w in range(writers)
+    ]
+    reading = [(registry_workers.poll_task, (url, barrier, "flowers", stop, reads))] * readers
+    results = _run_processes(writing + reading, stop=stop, stop_after=writers)
+    total = writers * per_writer
+    versions = sorted(v for w in range(writers) for v, _ in results[w])
+    assert versions == list(range(1, total + 1))
+    seen_during_writes: set[int] = set()
+    for r in range(writers, writers + readers):
+        report = results[r]
+        assert report["problems"] == [], report
+        assert report["final"] == total
+        seen_during_writes.update(c for c in report["counts"] if 0 < c < total)
+    assert seen_during_writes, f"the readers never read while the writers were writing: {results}"
+    with Session(engine) as s, s.begin():
+        assert [r.version for r in list_task_versions(s, "flowers")] == list(range(1, total + 1))
 
 
 # ------------------------------------------------------------------------------------- names, models
@@ -441,7 +577,12 @@ def test_missing_database_driver_is_a_registry_error(monkeypatch: pytest.MonkeyP
 def test_invalid_rows_are_registry_errors_naming_the_row(engine: Engine) -> None:
     _add(engine, _task(), _payload(0))
     with engine.begin() as conn:
-        conn.execute(text("UPDATE task_versions SET train_config = json_set(train_config, '$.bogus', 1)"))
+        if engine.dialect.name == "sqlite":
+            conn.execute(text("UPDATE task_versions SET train_config = json_set(train_config, '$.bogus', 1)"))
+        else:
+            conn.execute(
+                text("""UPDATE task_versions SET train_config = (train_config::jsonb || '{"bogus": 1}')::json""")
+            )
         conn.execute(text("UPDATE backbones SET fingerprint = 'not-a-sha'"))
     with Session(engine) as s:
         with pytest.raises(RegistryError, match=r"task 'flowers' version 1 is invalid: bogus"):
@@ -453,13 +594,22 @@ def test_invalid_rows_are_registry_errors_naming_the_row(engine: Engine) -> None
 def test_check_writable_refuses_a_read_only_registry(engine: Engine, url: str) -> None:
     with Session(engine) as s:
         check_writable(s)  # a writable registry passes, and nothing is kept
-    path = url.removeprefix("sqlite:///")
-    read_only = open_registry(f"sqlite:///file:{path}?mode=ro&uri=true")
+    if _is_sqlite(url):
+        path = url.removeprefix("sqlite:///")
+        read_only_url = f"sqlite:///file:{path}?mode=ro&uri=true"
+    else:  # as on a hot standby, which refuses every write
+        options = {"options": "-c default_transaction_read_only=on"}
+        read_only_url = make_url(url).update_query_dict(options).render_as_string(hide_password=False)
+    read_only = open_registry(read_only_url)
     try:
-        with Session(read_only) as s, pytest.raises(RegistryError, match="readonly"):
+        with Session(read_only) as s, pytest.raises(RegistryError, match="read-?only"):
             check_writable(s)
+        with Session(read_only) as s:
+            assert [b.name for b in list_backbones(s)] == ["vit-tiny"]  # reading still works
     finally:
         read_only.dispose()
+    with Session(engine) as s:
+        assert s.execute(text("SELECT id, schema_version FROM schema_info")).all() == [(1, SCHEMA_VERSION)]
 
 
 def test_transaction_turns_a_failed_commit_into_a_registry_error(engine: Engine) -> None:
