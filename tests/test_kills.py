@@ -62,18 +62,19 @@ def one_trial(root: Path, pristine: bytes, sig: signal.Signals, delay: float, tr
     time.sleep(delay)
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    finished = process.returncode == 0
-    if not finished:
-        # Ctrl-C: 130, or death by SIGINT where it came before the command's boundary (Python's own convention)
-        expected = {signal.SIGINT: (130, -2), signal.SIGTERM: (143,), signal.SIGKILL: (-9,)}[sig]
-        assert process.returncode in expected, (sig, process.returncode, err)
-        if sig != signal.SIGKILL:
-            errors = [line for line in err.splitlines() if line.startswith("error: ")]
-            assert len(errors) == 1 and ("interrupted" in errors[0] or "terminated" in errors[0]), err
-            assert "Traceback" not in err
     listed = cli(url, "task", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     names = [json.loads(line)["name"] for line in listed.stdout.splitlines()]
+    assert "Traceback" not in err
+    # Ctrl-C: 130, or death by SIGINT where it came before the command's boundary (Python's own convention)
+    stopped = {signal.SIGINT: (130, -2), signal.SIGTERM: (143,), signal.SIGKILL: (-9,)}[sig]
+    if "new" not in names:
+        assert process.returncode in stopped, (sig, process.returncode, err)
+        if sig != signal.SIGKILL:
+            errors = [line for line in err.splitlines() if line.startswith("error: ")]
+            assert len(errors) == 1 and ("interrupted" in errors[0] or "terminated" in errors[0]), err
+    else:  # finished first, or the signal came while the interpreter was exiting (Python gives the default back)
+        assert process.returncode in (0, -sig.value, *stopped), (sig, process.returncode, err)
     if "new" in names:  # the complete new version, and the old task untouched
         engine = registry.open_registry(url)
         with Session(engine) as s:
@@ -98,7 +99,7 @@ def one_trial(root: Path, pristine: bytes, sig: signal.Signals, delay: float, tr
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_a_killed_task_add_leaves_the_registry_whole(prepared, sig):
     root, pristine = prepared
-    delay = {signal.SIGINT: 3.0, signal.SIGTERM: 4.0, signal.SIGKILL: 5.0}[sig]  # during the import or the epochs
+    delay = {signal.SIGINT: 1.5, signal.SIGTERM: 2.5, signal.SIGKILL: 3.5}[sig]  # during the import or the epochs
     one_trial(root, pristine, sig, delay, trial=sig.value)
 
 
