@@ -89,6 +89,14 @@ def write_image_folder(
     return written
 
 
+def missing(reason: str) -> None:
+    """Something a test needs is not installed: a skip on a developer's machine, a failure where
+    ``SSF_TASKS_REQUIRE_INSTALLED=1`` (``.ci/run`` sets it: what it installs must be there, never silently skipped)."""
+    if os.environ.get("SSF_TASKS_REQUIRE_INSTALLED") == "1":
+        pytest.fail(f"{reason} (.ci/run installs it)")
+    pytest.skip(reason)
+
+
 def run_in_triton_interpreter(code: str):
     """Run ``code`` in a child Python with Triton's interpreter on (it must be on before a kernel is defined) and
     return the JSON its last printed line holds."""

