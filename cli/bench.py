@@ -1,90 +1,212 @@
-"""``ssf-tasks bench ...``: the GPU benchmarks of :mod:`ssf_tasks.bench`, from the command line.
+"""``ssf-tasks bench ...``: the GPU benchmarks of ``ssf_tasks_bench`` (``benchmarks/``), from the command line.
 
-Each command runs its variants side by side in one process on one card and prints one JSON row per variant
-(relative error against the eager reference next to each compiled time). See BENCHMARKS.md for the results.
+Each command calls one benchmark function with its options. The benchmarks run their variants side by side in one
+process on one card and print one JSON row per variant (relative error against the eager reference next to each
+compiled time), after one row naming the card and the versions; ``--out`` also writes every row to one JSON file.
+``bench kernel NAME`` runs a kernel micro-benchmark (``ssf_tasks_bench.kernels``). The numbers are in BENCHMARKS.md.
+
+torch, timm and the benchmarks are imported inside the commands, so that ``ssf-tasks --help`` stays fast; every
+command first checks that torch sees a CUDA device (``_require_cuda``), which is a one-line error otherwise.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-import torch
 import typer
 
-from ssf_tasks import bench
 from ssf_tasks.errors import SSFTasksError
 
 __all__ = ["app"]
 
 app = typer.Typer(
-    help="GPU benchmarks: mixed-task inference, task scale, training step, folded model.", no_args_is_help=True
+    help="GPU benchmarks: mixed-task inference, task scale, training step, folded model, kernels (see BENCHMARKS.md).",
+    no_args_is_help=True,
 )
 
-Model = Annotated[str, typer.Option(help="timm model name (random init: speed does not depend on weights)")]
-Repeats = Annotated[int, typer.Option(min=3, help="timed repeats per variant (the median is reported)")]
-Out = Annotated[Path | None, typer.Option(help="also write every row as JSON to this file")]
+DEFAULT_MODEL = "vit_base_patch16_224"
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+Model = Annotated[str, typer.Option("--model", help="timm model name (random init: speed does not depend on weights)")]
+Repeats = Annotated[int, typer.Option("--repeats", min=3, help="timed repeats per variant (the median is reported)")]
+Out = Annotated[Path | None, typer.Option("--out", metavar="FILE", help="also write every row as JSON to this file")]
+Peft = Annotated[bool, typer.Option("--peft/--no-peft", help="include PEFT LoRA r=8 (needs peft installed)")]
+Profile = Annotated[bool, typer.Option("--profile", help="print the top CUDA kernels of each variant")]
+CudnnBenchmark = Annotated[
+    bool, typer.Option("--cudnn-benchmark", help="let cuDNN time its kernels for each conv shape (every variant)")
+]
 
 
-def _run(argv: list[str]) -> None:
+def _require_cuda() -> None:
+    """The one check every benchmark command makes first."""
+    import torch
+
     if not torch.cuda.is_available():
         raise SSFTasksError("the benchmarks need a CUDA device (none is visible to torch)")
-    code = bench.main(argv)
-    if code:
-        raise typer.Exit(code)
 
 
-def _common(model: str, repeats: int, out: Path | None) -> list[str]:
-    return ["--model", model, "--repeats", str(repeats), *(["--out", str(out)] if out else [])]
+@contextmanager
+def _recorded(out: Path | None, cudnn_benchmark: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """A benchmark run: the CUDA check, the same numerics for every variant, the environment as the first JSON row;
+    the caller adds the benchmark's rows to the list given, and with ``out`` they are written to it at the end."""
+    _require_cuda()
+    from ssf_tasks_bench import common
+
+    common.setup_cuda(cudnn_benchmark)
+    started = time.time()
+    env = common.environment()
+    print(json.dumps(env), flush=True)
+    rows: list[dict[str, Any]] = []
+    yield rows
+    if out is not None:
+        common.write_rows(out, env, started, rows)
 
 
 @app.command()
 def inference(
-    model: Model = "vit_base_patch16_224",
-    batches: Annotated[list[int], typer.Option("--batch", help="batch sizes (repeat the option)")] = [256, 8, 1],  # noqa: B006
-    mode: Annotated[str | None, typer.Option(help="torch.compile mode for every batch size")] = None,
-    peft: Annotated[bool, typer.Option(help="include PEFT LoRA mixed-adapter batches")] = True,
-    loop: Annotated[bool, typer.Option(help="include the loop-over-tasks baseline")] = True,
+    batches: Annotated[
+        list[int], typer.Option("--batch", min=1, metavar="N", help="batch sizes (repeat the option)")
+    ] = [256, 8, 1],  # noqa: B006
+    model: Model = DEFAULT_MODEL,
+    peft: Peft = True,
+    loop: Annotated[bool, typer.Option("--loop/--no-loop", help="include the loop-over-tasks baseline")] = True,
+    mode: Annotated[
+        CompileMode | None,
+        typer.Option("--mode", help="torch.compile mode for every batch size [default: reduce-overhead up to 8]"),
+    ] = None,
+    profile: Profile = False,
     repeats: Repeats = 20,
+    cudnn_benchmark: CudnnBenchmark = False,
     out: Out = None,
 ) -> None:
     """Mixed-task forward (64 tasks) against the compiled plain backbone, a per-task loop and PEFT LoRA."""
-    argv = ["inference", *_common(model, repeats, out), "--batches", *map(str, batches)]
-    argv += [*(["--mode", mode] if mode else []), *([] if peft else ["--no-peft"]), *([] if loop else ["--no-loop"])]
-    _run(argv)
+    with _recorded(out, cudnn_benchmark) as rows:
+        from ssf_tasks_bench.inference import bench_inference
+
+        rows += bench_inference(
+            model,
+            tuple(batches),
+            peft=peft,
+            loop=loop,
+            repeats=repeats,
+            compile_mode=mode,
+            profile=profile,
+        )
 
 
 @app.command()
-def scale(model: Model = "vit_base_patch16_224", repeats: Repeats = 20, out: Out = None) -> None:
-    """Batch 256 with 1, 1,000 and 10,000 tasks resident on the GPU."""
-    _run(["scale", *_common(model, repeats, out)])
+def scale(
+    tasks: Annotated[
+        list[int], typer.Option("--tasks", min=1, metavar="N", help="tasks resident on the GPU (repeat the option)")
+    ] = [1, 1000, 10000],  # noqa: B006
+    model: Model = DEFAULT_MODEL,
+    repeats: Repeats = 20,
+    cudnn_benchmark: CudnnBenchmark = False,
+    out: Out = None,
+) -> None:
+    """A mixed batch of 256 with more and more tasks resident on the GPU (by default 1, 1,000 and 10,000)."""
+    with _recorded(out, cudnn_benchmark) as rows:
+        from ssf_tasks_bench.inference import bench_scale
+
+        rows += bench_scale(model, task_counts=tuple(tasks), repeats=repeats)
 
 
 @app.command()
 def training(
-    model: Model = "vit_base_patch16_224",
-    peft: Annotated[bool, typer.Option(help="include PEFT LoRA r=8")] = True,
-    profile: Annotated[bool, typer.Option(help="print each variant's top CUDA kernels")] = False,
-    mode: Annotated[str | None, typer.Option(help="torch.compile mode for every compiled variant")] = None,
-    rounds: Annotated[int, typer.Option(min=1, help="timing passes over all variants, in alternation")] = 5,
+    only: Annotated[
+        list[str],
+        typer.Option(
+            "--only",
+            metavar="LABEL",
+            help="only variants whose label contains LABEL (repeat the option); also picks compiler settings "
+            "('budget=0.2', 'combo_kernels', 'cpp_wrapper')",
+        ),
+    ] = [],  # noqa: B006
+    eager_only: Annotated[bool, typer.Option("--eager-only", help="skip torch.compile")] = False,
+    compiled_only: Annotated[bool, typer.Option("--compiled-only", help="skip the eager variants")] = False,
+    mode: Annotated[CompileMode | None, typer.Option("--mode", help="torch.compile mode for every variant")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="timing passes over all variants, in turn")] = 5,
+    model: Model = DEFAULT_MODEL,
+    peft: Peft = True,
+    profile: Profile = False,
     repeats: Repeats = 20,
+    cudnn_benchmark: CudnnBenchmark = False,
     out: Out = None,
 ) -> None:
     """One AdamW step at batch 64: full fine-tuning, linear probe, LoRA, SSF (compiled and eager)."""
-    _run(
-        [
-            "training",
-            *_common(model, repeats, out),
-            *([] if peft else ["--no-peft"]),
-            *(["--profile"] if profile else []),
-            *(["--mode", mode] if mode else []),
-            "--rounds",
-            str(rounds),
-        ]
-    )
+    if eager_only and compiled_only:
+        raise typer.BadParameter("give at most one of --eager-only and --compiled-only", param_hint="--compiled-only")
+    compiled = (False,) if eager_only else (True,) if compiled_only else (True, False)
+    with _recorded(out, cudnn_benchmark) as rows:
+        from ssf_tasks_bench.training import bench_training
+
+        rows += bench_training(
+            model,
+            compiled_variants=compiled,
+            peft=peft,
+            repeats=repeats,
+            profile=profile,
+            only=tuple(only),
+            rounds=rounds,
+            compile_mode=mode,
+        )
 
 
 @app.command()
-def fold(model: Model = "vit_base_patch16_224", repeats: Repeats = 20, out: Out = None) -> None:
+def fold(
+    model: Model = DEFAULT_MODEL,
+    repeats: Repeats = 20,
+    cudnn_benchmark: CudnnBenchmark = False,
+    out: Out = None,
+) -> None:
     """Latency of a folded (exported) task model against the plain timm model."""
-    _run(["fold", *_common(model, repeats, out)])
+    with _recorded(out, cudnn_benchmark) as rows:
+        from ssf_tasks_bench.fold import bench_fold
+
+        rows += bench_fold(model, repeats=repeats)
+
+
+KernelName = Literal[
+    "attention", "mixed-gelu", "gelu-backward", "qkv-backward", "residual-norm", "patch-embed", "tiles"
+]
+# The benchmarks of kernels whose tile is a set of module constants, and ``tiles``, which runs all of those.
+_SWEPT = frozenset({"mixed-gelu", "gelu-backward", "qkv-backward", "residual-norm", "tiles"})
+
+
+@app.command()
+def kernel(
+    name: Annotated[
+        KernelName, typer.Argument(metavar="NAME", help="the kernel micro-benchmark to run", show_default=False)
+    ],
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="also time a grid of tiles (" + ", ".join(sorted(_SWEPT)) + ")")
+    ] = False,
+) -> None:
+    """A kernel micro-benchmark, at one ViT-B shape, against what torch.compile makes of the same work.
+
+    attention: mixed-batch attention with the qkv SSF on its loads, against SDPA.
+    mixed-gelu: fc1's per-sample SSF with GELU.
+    gelu-backward, qkv-backward, residual-norm: the training kernels' backward with their column sums.
+    patch-embed: the patchify conv as cuDNN runs it and as one GEMM.
+    tiles: the four kernels with a tile sweep, one after another, and the fastest tile of each.
+    """
+    if sweep and name not in _SWEPT:
+        raise typer.BadParameter(f"{name} has no tile sweep (only {', '.join(sorted(_SWEPT))})", param_hint="--sweep")
+    _require_cuda()
+    import importlib
+
+    try:
+        module = importlib.import_module(f"ssf_tasks_bench.kernels.{name.replace('-', '_')}")
+    except ImportError as error:
+        if (error.name or "").split(".")[0] != "triton":
+            raise
+        raise SSFTasksError(f"bench kernel {name} needs Triton, which is not installed") from None
+    if name in _SWEPT:
+        module.main(sweep=sweep)
+    else:
+        module.main()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ssf_tasks.bench import _ssf_training_error, has_patchify_stem, ssf_training_variant, with_patches_gemm
 from ssf_tasks.ssf import SSFLayer
+from ssf_tasks_bench.common import has_patchify_stem, with_patches_gemm
+from ssf_tasks_bench.training import _ssf_training_error, ssf_training_variant
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # the bench's autocast is CUDA's
 
@@ -49,7 +50,7 @@ def test_training_error_compares_the_fused_path_with_the_eager_path(monkeypatch)
 def test_ablation_variant_gives_the_mlps_timm_class_back():
     from timm.layers import Mlp
 
-    from ssf_tasks.fused_mlp import FusedGeluMlp
+    from ssf_tasks.adapters.vit_mlp import FusedGeluMlp
 
     for fused, expected in ((True, FusedGeluMlp), (False, Mlp)):
         _, _, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu", fused_mlp=fused)
@@ -59,7 +60,7 @@ def test_ablation_variant_gives_the_mlps_timm_class_back():
 def test_ablation_variant_gives_the_blocks_timm_class_back():
     from torch import nn
 
-    from ssf_tasks.fused_block import FusedBlockChain
+    from ssf_tasks.adapters.vit_block import FusedBlockChain
 
     for fused, expected in ((True, FusedBlockChain), (False, nn.Sequential)):
         _, _, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu", fused_blocks=fused)
@@ -67,7 +68,7 @@ def test_ablation_variant_gives_the_blocks_timm_class_back():
 
 
 def test_ablation_variant_turns_the_one_op_qkv_off():
-    from ssf_tasks.mixed_attention import MixedTaskAttention
+    from ssf_tasks.adapters.vit_attention import MixedTaskAttention
 
     for fused in (True, False):
         _, _, model = ssf_training_variant("test_vit", 3, fast=True, device="cpu", fused_qkv=fused)

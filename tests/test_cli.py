@@ -366,12 +366,106 @@ def test_bf16_predict_scores_match_fp32_within_rounding(url, workdir, tmp_path):
     assert max(differences) > 0  # bf16 really ran: its rounding shows in the scores
 
 
-def test_bench_training_passes_its_options_to_the_benchmark(monkeypatch):
-    seen = []
+@pytest.fixture
+def bench_calls(monkeypatch):
+    """A CUDA device as far as the bench commands can tell, and every benchmark function replaced by one that
+    records the arguments it was given (by name, defaults left out) and returns one row."""
+    import inspect
+
+    from ssf_tasks_bench import common, fold, inference, training
+
+    calls: list[tuple[str, dict]] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("ssf_tasks.bench.main", lambda argv: seen.append(argv) or 0)
-    args = ["bench", "training", "--mode", "reduce-overhead", "--no-peft", "--repeats", "5", "--rounds", "1"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    common = ["training", "--model", "vit_base_patch16_224", "--repeats", "5", "--no-peft"]
-    assert seen == [[*common, "--mode", "reduce-overhead", "--rounds", "1"]]
+    monkeypatch.setattr(common, "environment", lambda: {"card": "test"})
+    monkeypatch.setattr(common, "setup_cuda", lambda cudnn_benchmark=False: calls.append(("setup", cudnn_benchmark)))
+    for module, name in ((inference, "bench_inference"), (training, "bench_training"), (fold, "bench_fold")):
+        signature = inspect.signature(getattr(module, name))
+
+        def record(*args, name=name, signature=signature, **kwargs):
+            calls.append((name, dict(signature.bind(*args, **kwargs).arguments)))
+            return [{"bench": name, "ms": 1.0}]
+
+        monkeypatch.setattr(module, name, record)
+    return calls
+
+
+def test_bench_commands_pass_their_options_to_the_benchmarks(bench_calls, tmp_path):
+    """Every option reaches its benchmark function; --out gets the environment and the rows."""
+    cases = [
+        (
+            ["inference", "--batch", "8", "--batch", "1", "--no-peft", "--no-loop", "--mode", "reduce-overhead",
+             "--profile", "--repeats", "5", "--cudnn-benchmark", "--out", tmp_path / "inference.json"],
+            True,
+            ("bench_inference", {"model_name": "vit_base_patch16_224", "batch_sizes": (8, 1), "peft": False,
+                                 "loop": False, "repeats": 5, "compile_mode": "reduce-overhead", "profile": True}),
+        ),
+        (
+            ["inference"],
+            False,
+            ("bench_inference", {"model_name": "vit_base_patch16_224", "batch_sizes": (256, 8, 1), "peft": True,
+                                 "loop": True, "repeats": 20, "compile_mode": None, "profile": False}),
+        ),
+        (
+            ["scale", "--tasks", "1", "--tasks", "1000", "--model", "test_vit", "--repeats", "3"],
+            False,
+            ("bench_inference", {"model_name": "test_vit", "batch_sizes": (256,), "task_counts": (1, 1000),
+                                 "peft": False, "loop": False, "repeats": 3}),
+        ),
+        (
+            ["training", "--only", "fused path", "--only", "budget=0.2", "--compiled-only", "--mode",
+             "reduce-overhead", "--rounds", "1", "--no-peft", "--profile", "--repeats", "5"],
+            False,
+            ("bench_training", {"model_name": "vit_base_patch16_224", "compiled_variants": (True,), "peft": False,
+                                "repeats": 5, "profile": True, "only": ("fused path", "budget=0.2"), "rounds": 1,
+                                "compile_mode": "reduce-overhead"}),
+        ),
+        (
+            ["training", "--eager-only"],
+            False,
+            ("bench_training", {"model_name": "vit_base_patch16_224", "compiled_variants": (False,), "peft": True,
+                                "repeats": 20, "profile": False, "only": (), "rounds": 5, "compile_mode": None}),
+        ),
+        (
+            ["fold", "--model", "test_vit", "--repeats", "3"],
+            False,
+            ("bench_fold", {"model_name": "test_vit", "repeats": 3}),
+        ),
+    ]  # fmt: skip
+    for args, cudnn_benchmark, call in cases:
+        bench_calls.clear()
+        result = CliRunner().invoke(app, ["bench", *map(str, args)])
+        assert result.exit_code == 0, (args, result.output)
+        assert bench_calls == [("setup", cudnn_benchmark), call], args
+        assert json.loads(result.output.splitlines()[0]) == {"card": "test"}  # the environment comes first
+    written = json.loads((tmp_path / "inference.json").read_text())
+    assert written["environment"] == {"card": "test"}
+    assert written["rows"] == [{"bench": "bench_inference", "ms": 1.0}]
+
+
+def test_bench_kernel_runs_the_micro_benchmark_it_names(monkeypatch):
+    pytest.importorskip("triton")
+    from ssf_tasks_bench.kernels import gelu_backward, patch_embed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gelu_backward, "main", lambda sweep=False: calls.append(("gelu-backward", sweep)))
+    monkeypatch.setattr(patch_embed, "main", lambda: calls.append(("patch-embed",)))
+    for args in (["gelu-backward", "--sweep"], ["gelu-backward"], ["patch-embed"]):
+        result = CliRunner().invoke(app, ["bench", "kernel", *args])
+        assert result.exit_code == 0, result.output
+    assert calls == [("gelu-backward", True), ("gelu-backward", False), ("patch-embed",)]
+    result = CliRunner().invoke(app, ["bench", "kernel", "patch-embed", "--sweep"])  # no tiles to sweep
+    assert result.exit_code == 2 and "has no tile sweep" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["inference", "--batch", "8"], ["scale"], ["training", "--only", "linear"], ["fold"], ["kernel", "attention"]],
+)
+def test_bench_without_cuda_is_a_one_line_error(bench_calls, monkeypatch, args):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: the benchmarks need a CUDA device (none is visible to torch)"]
+    assert bench_calls == []  # nothing was set up or run

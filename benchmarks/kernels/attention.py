@@ -1,13 +1,13 @@
-"""Micro-benchmark of the mixed-batch attention kernel (ssf_tasks.mixed_attention) against SDPA.
+"""Micro-benchmark of the mixed-batch attention kernel (``ssf_tasks.kernels.mixed_attention``) against SDPA.
 
-One ViT-B attention at batch 256: SDPA on raw q/k/v (what the plain backbone runs), the qkv SSF as its own
-pass followed by SDPA (what the compiled mixed forward runs without the kernel), and the Triton kernel at several
-tile shapes (the partial last key block short or padded to a whole block), with pointer loads and (on Hopper)
-TMA descriptor loads, each checked against an fp32 reference.
-Needs a CUDA GPU and Triton.
-Results: examples/bench_results/attention_kernel_*_h100.txt.
+Why: the ``qkv`` projection's output goes straight into attention, so without the kernel its per-sample SSF is one
+more read and write of the qkv tensor in every block; the kernel applies it while it loads q/k/v. One ViT-B attention
+at batch 256: SDPA on raw q/k/v (what the plain backbone runs), the qkv SSF as its own pass followed by SDPA (what the
+compiled mixed forward runs without the kernel), and the Triton kernel at several tile shapes (the partial last key
+block short or padded to a whole block), with pointer loads and (on Hopper) TMA descriptor loads, each checked against
+an fp32 reference. Needs a CUDA GPU and Triton. Numbers: BENCHMARKS.md.
 
-    PYTHONPATH=. python examples/bench_attention_kernel.py
+    ssf-tasks bench kernel attention
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import triton
 from torch.nn import functional as F
 from triton.testing import do_bench
 
-from ssf_tasks import mixed_attention
+from ssf_tasks.kernels import mixed_attention
+
+__all__ = ["main"]
 
 TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, short_tail)
     (64, 32, 4, 3, False),
@@ -29,6 +31,7 @@ TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, short_tail)
 
 
 def main(batch: int = 256, tokens: int = 197, heads: int = 12, head_dim: int = 64, tasks: int = 64) -> None:
+    """Time SDPA, the separate SSF pass + SDPA, and the kernel at each of ``TILES``, printing one line each."""
     print("triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
     width = 3 * heads * head_dim
     qkv = torch.randn(batch, tokens, width, device="cuda", dtype=torch.bfloat16)
@@ -74,7 +77,3 @@ def main(batch: int = 256, tokens: int = 197, heads: int = 12, head_dim: int = 6
             f"err {error(out):.1e}",
             flush=True,
         )
-
-
-if __name__ == "__main__":
-    main()

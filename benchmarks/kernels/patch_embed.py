@@ -1,14 +1,15 @@
 """Micro-benchmark of ViT-B's patch embedding (a 16×16 conv of stride 16) as cuDNN runs it and as one GEMM.
 
-Why: the training step's profile showed cuDNN's kernel for this conv taking 388 µs at batch 64, plus two
-layout conversions (NCHW to NHWC) of 75 µs each, where the conv is a [64·196, 768] × [768, 768] GEMM of 15
-GFLOP. A non-overlapping conv is exactly that GEMM once the image is cut into patches (a reshape and a permute).
-Timed, in bf16: ``F.conv2d`` with ``torch.backends.cudnn.benchmark`` off (the default) and on, and the patches
-GEMM, each eager and compiled, at batch 64 and 256; for training, also the conv's weight gradient (what full
-fine-tuning adds). Each result is checked against an fp64 conv. Times are of CUDA-graph replays
-(``do_bench_cudagraph``), so the host's launch time is left out.
+Why: in the training step's profile cuDNN's kernel for this conv, plus two layout conversions (NCHW to NHWC) around
+it, took several times as long as the GEMM the conv amounts to ([64·196, 768] × [768, 768] at batch 64). A
+non-overlapping conv is exactly that GEMM once the image is cut into patches (a reshape and a permute), which is how
+ssf-tasks runs it on CUDA (``ssf_tasks.kernels.frozen_op.patchify_linear``). Timed, in bf16: ``F.conv2d`` with
+``torch.backends.cudnn.benchmark`` off (the default) and on, and the patches GEMM, each eager and compiled, at batch
+64 and 256; for training, also the conv's weight gradient (what full fine-tuning adds). Each result is checked against
+an fp64 conv. Times are of CUDA-graph replays (``do_bench_cudagraph``), so the host's launch time is left out. Needs a
+CUDA GPU. Numbers: BENCHMARKS.md.
 
-    PYTHONPATH=. python examples/bench_patch_embed.py
+    ssf-tasks bench kernel patch-embed
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
-from ssf_tasks.ssf import patchify_linear
+from ssf_tasks.kernels.frozen_op import patchify_linear
+
+__all__ = ["main"]
 
 
 def _conv(x, weight, bias):
@@ -39,6 +42,7 @@ def _error(result, reference) -> float:
 
 
 def main() -> None:
+    """Time the conv and the patches GEMM, eager and compiled, cuDNN's benchmark off and on, printing one line each."""
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     torch.manual_seed(0)
     weight = torch.randn(768, 3, 16, 16, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -71,7 +75,3 @@ def main() -> None:
 
                 print(f"   {label}, cudnn.benchmark={benchmark}: {_time(step):.1f} us", flush=True)
     torch.backends.cudnn.benchmark = False
-
-
-if __name__ == "__main__":
-    main()

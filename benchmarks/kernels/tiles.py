@@ -1,8 +1,12 @@
-"""The tile sweep that the kernel micro-benchmarks share (``examples/bench_*_kernel.py``).
+"""The tile sweep that the kernel micro-benchmarks share, and ``main``: every kernel's sweep in one run.
 
-Each training kernel keeps its tile as constants of its module (``_BLOCK_R``, ``_WARPS``, ...). A sweep sets them,
-times the op with CUDA-graph replays (``do_bench_cudagraph``, so the host's launch time is left out), prints each
-time with the result's errors against a reference, and puts the module's own tile back. Needs a CUDA GPU.
+Why: each training kernel, and the mixed-batch GELU, keeps its tile as constants of its module (``_BLOCK_R``,
+``_WARPS``, ``_PROGRAMS_PER_SM``, ...), chosen by a sweep at ViT-B's shapes; on another card or shape the best tile
+may differ, and this reruns the choice. A sweep sets the constants, times the op with CUDA-graph replays
+(``do_bench_cudagraph``, so the host's launch time is left out), prints each time with the result's errors against a
+reference, and puts the module's own tile back. Needs a CUDA GPU and Triton. Numbers: BENCHMARKS.md.
+
+    ssf-tasks bench kernel tiles [--sweep]
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from collections.abc import Callable, Iterable
 from types import ModuleType
 
 from triton.testing import do_bench_cudagraph
+
+__all__ = ["main", "time_tiles"]
 
 
 def time_tiles(
@@ -51,3 +57,18 @@ def time_tiles(
         return None
     print(f"best: {best[1]} at {best[0]:.1f} us")
     return best[1]
+
+
+def main(sweep: bool = False) -> dict[str, tuple | None]:
+    """Each kernel benchmark with a tile sweep, one after another, at its module's own tile (``sweep``: and at
+    every tile of its grid); prints and returns the fastest tile of each (None where no tile ran)."""
+    from . import gelu_backward, mixed_gelu, qkv_backward, residual_norm
+
+    best = {}
+    for module in (mixed_gelu, gelu_backward, qkv_backward, residual_norm):
+        name = module.__name__.rsplit(".", 1)[-1].replace("_", "-")
+        print(f"--- {name}", flush=True)
+        best[name] = module.main(sweep)
+    for name, tile in best.items():
+        print(f"{name}: fastest tile {tile}", flush=True)
+    return best
