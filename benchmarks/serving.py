@@ -111,7 +111,11 @@ def _forward_rate(url: str, batch: int, precision: str, device: str, repeats: in
     predictor.close()
     engine.dispose()
     median = statistics.median(times)
-    return {"what": f"mixed-task forward, batch {batch}, {len(names)} tasks", "ms": median * 1e3, "img_s": batch / median}
+    return {
+        "what": f"mixed-task forward, batch {batch}, {len(names)} tasks",
+        "ms": median * 1e3,
+        "img_s": batch / median,
+    }
 
 
 def bench_predict(
@@ -127,7 +131,9 @@ def bench_predict(
     items = read_predict_manifest(folder / "manifest.csv")
     engine = registry.open_registry(url)
     started = time.perf_counter()
-    predictor = Predictor(engine, sorted({t for _, t in items}), device=device, precision=precision, compile=device == "cuda")
+    predictor = Predictor(
+        engine, sorted({t for _, t in items}), device=device, precision=precision, compile=device == "cuda"
+    )
     loaded = time.perf_counter()
     predictor.predict(items[: batch * 2], batch_size=batch)  # compiles
     compiled = time.perf_counter()
@@ -145,7 +151,8 @@ def bench_predict(
     predictor.close()
     engine.dispose()
     for threads in (None,):
-        command = [sys.executable, "-m", "ssf_tasks_cli.main", "--registry", url, "predict", str(folder / "manifest.csv"),
+        command = [sys.executable, "-m", "ssf_tasks_cli.main", "--registry", url, "predict",
+                   str(folder / "manifest.csv"),
                    "--out", str(folder / "predictions.csv"), "--batch-size", str(batch), "--precision", precision,
                    "--device", device]  # fmt: skip
         start = time.perf_counter()
@@ -214,8 +221,8 @@ def _client_process(base: str, bodies: list[tuple[str, bytes]], clients: int, se
 def _load(base: str, bodies, clients: int, processes: int, seconds: float, rate: float, per_request: int) -> Row:
     out: multiprocessing.Queue = multiprocessing.Queue()
     per_process = max(1, clients // processes)
-    workers = [multiprocessing.Process(target=_client_process, args=(base, bodies, per_process, seconds, rate,
-                                                                     per_request, out)) for _ in range(processes)]  # fmt: skip
+    arguments = (base, bodies, per_process, seconds, rate, per_request, out)
+    workers = [multiprocessing.Process(target=_client_process, args=arguments) for _ in range(processes)]
     for w in workers:
         w.start()
     latencies, failures = [], []
@@ -238,8 +245,18 @@ def _load(base: str, bodies, clients: int, processes: int, seconds: float, rate:
     }
 
 
-def bench_serve(folder: Path, model: str, tasks: int, batch: int, precision: str, clients: int, seconds: float,
-                processes: int = 8, per_request: tuple[int, ...] = (1, 8), device: str = "cuda") -> list[Row]:  # fmt: skip
+def bench_serve(
+    folder: Path,
+    model: str,
+    tasks: int,
+    batch: int,
+    precision: str,
+    clients: int,
+    seconds: float,
+    processes: int = 8,
+    per_request: tuple[int, ...] = (1, 8),
+    device: str = "cuda",
+) -> list[Row]:
     """``ssf-tasks serve`` under ``clients`` concurrent clients over loopback (real JPEGs of many tasks): throughput and
     p50/p99 at full load, p99 at half that load, and how soon a task registered meanwhile answers."""
     import httpx
@@ -306,4 +323,3 @@ def bench_serve(folder: Path, model: str, tasks: int, batch: int, precision: str
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
-

@@ -210,3 +210,46 @@ def kernel(
         module.main(sweep=sweep)
     else:
         module.main()
+
+
+Precision = Annotated[Literal["fp32", "bf16"], typer.Option("--precision", help="forward precision (bf16 autocast)")]
+Workdir = Annotated[
+    Path, typer.Option("--workdir", help="folder for the run's registry and JPEG files (created)", file_okay=False)
+]
+
+
+@app.command()
+def predict(
+    model: Model = DEFAULT_MODEL,
+    tasks: Annotated[int, typer.Option("--tasks", min=1, help="tasks registered (random γ/β and heads)")] = 64,
+    images: Annotated[int, typer.Option("--images", min=1, help="224-px JPEG files in the mixed manifest")] = 8192,
+    batch: Annotated[int, typer.Option("--batch", min=1)] = 256,
+    precision: Precision = "bf16",
+    workdir: Workdir = Path("bench-predict"),
+    out: Out = None,
+) -> None:
+    """predict from JPEG files, end to end (the engine warm, and the command cold), beside the mixed forward alone."""
+    with _recorded(out) as rows:
+        from ssf_tasks_bench.serving import bench_predict
+
+        rows += bench_predict(workdir, model, tasks, images, batch, precision)
+
+
+@app.command()
+def serve(
+    model: Model = DEFAULT_MODEL,
+    tasks: Annotated[int, typer.Option("--tasks", min=1, help="tasks registered (random γ/β and heads)")] = 64,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="the server's --max-batch-size")] = 256,
+    clients: Annotated[int, typer.Option("--clients", min=1, help="concurrent clients over loopback")] = 64,
+    seconds: Annotated[float, typer.Option("--seconds", min=1, help="length of each load phase")] = 12,
+    processes: Annotated[int, typer.Option("--processes", min=1, help="client processes")] = 8,
+    precision: Precision = "bf16",
+    workdir: Workdir = Path("bench-serve"),
+    out: Out = None,
+) -> None:
+    """ssf-tasks serve under concurrent clients (full and half load, 1 and 8 images a request), beside the mixed
+    forward alone, and how soon a task registered while serving answers."""
+    with _recorded(out) as rows:
+        from ssf_tasks_bench.serving import bench_serve
+
+        rows += bench_serve(workdir, model, tasks, batch, precision, clients, seconds, processes)
