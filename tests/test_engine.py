@@ -163,3 +163,34 @@ def test_failed_export_leaves_no_partial_files(engine, tmp_path):
     with pytest.raises(SSFTasksError, match="config.json"):
         export_task(engine, "a", out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no model.safetensors, no temp files
+
+
+def test_batcher_mixes_requests_and_refuses_work_beyond_its_queue(engine, tmp_path):
+    """Requests of two tasks sent together run as one batch; more waiting images than the cap is a QueueFullError
+    (the server's 503), and nothing already queued is lost."""
+    import asyncio
+
+    from ssf_tasks.serve.batcher import Batcher, QueueFullError
+
+    train_and_store(engine, "a", "tr", tmp_path / "data", CONFIG)
+    train_and_store(engine, "b", "tr", tmp_path / "data", CONFIG.model_copy(update={"seed": 1}))
+    images = sorted((tmp_path / "data" / "test").glob("*/*.jpg"))
+    predictor = Predictor(engine, device="cpu", threads=2)
+    sizes: list[int] = []
+    batcher = Batcher(predictor, max_batch_size=8, max_delay=0.2, max_queue=4, on_batch=lambda n, _: sizes.append(n))
+
+    async def scenario():
+        first = [predictor.prepare(images[0], "a"), predictor.prepare(images[1], "b")]
+        second = [predictor.prepare(images[2], "b")]
+        pending = [asyncio.ensure_future(batcher.submit(first, 2)), asyncio.ensure_future(batcher.submit(second, 1))]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await batcher.submit([predictor.prepare(images[3], "a")] * 2, 1)
+        return await asyncio.gather(*pending)
+
+    (one, two), (three,) = asyncio.run(scenario())
+    batcher.close()
+    assert sizes == [3]  # both requests, both tasks, one forward
+    expected = predictor.predict([(images[0], "a"), (images[1], "b"), (images[2], "b")], top_k=2)
+    assert (one, two) == ((expected[0].labels, expected[0].scores), (expected[1].labels, expected[1].scores))
+    assert three == (expected[2].labels[:1], expected[2].scores[:1])
