@@ -114,8 +114,6 @@ def transform(backbone: nn.Module, record: BackboneRecord, config: TrainConfig, 
     )
 
 
-
-
 def eval_transform(backbone: nn.Module, record: BackboneRecord, config: TrainConfig) -> Callable:
     """The evaluation transform: what ``predict``, ``task eval`` and the server apply."""
     return transform(backbone, record, config, train=False)

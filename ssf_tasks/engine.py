@@ -501,9 +501,7 @@ class Predictor:
         for key, rows in chunks:  # no batch beyond the largest warmed-up size: it would compile a new graph
             tasks = [items[i].task for i in rows]
             images = torch.stack([items[i].image for i in rows])
-            logits = self._logits(
-                state.groups[key], images, tasks, self.bucket(len(rows)), compiled=bool(self.compile)
-            )
+            logits = self._logits(state.groups[key], images, tasks, self.bucket(len(rows)), compiled=bool(self.compile))
             for i, result in zip(rows, self.top_k(logits, tasks, top_k, state=state), strict=True):
                 out[i] = result
         return out

@@ -106,4 +106,3 @@ def test_no_import_cycles():
     for module in sorted(GRAPH):
         if module not in state:
             visit(module, [])
-
