@@ -160,8 +160,12 @@ def predict_command(
         typer.Option("--precision", help="fp32, or bf16 autocast (scores differ by about 1e-2)."),
     ] = "fp32",
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="Image decode threads (default: one per core).")
+        int | None, typer.Option("--threads", min=1, help="Image decoders (default: one per core).")
     ] = None,
+    decode: Annotated[
+        Literal["auto", "threads", "processes"],
+        typer.Option("--decode", help="Decode in threads, in worker processes, or auto (processes on 4+ cores)."),
+    ] = "auto",
 ) -> None:
     """Predict a manifest mixing any registered tasks, in batches of mixed tasks through one backbone pass."""
     from ssf_tasks.data import read_predict_manifest
@@ -182,6 +186,7 @@ def predict_command(
         precision=precision,
         compile=compile_forward,
         threads=threads,
+        decode=decode,
     )
     try:
         predictions = predictor.predict(items, batch_size=batch_size, top_k=top_k, source=str(source))

@@ -36,7 +36,13 @@ def serve(
             show_default=False,
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Image decode threads.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Image decoders [default: one per core].")
+    ] = None,
+    decode: Annotated[
+        Literal["auto", "threads", "processes"],
+        typer.Option("--decode", help="Decode in threads, in worker processes, or auto (processes on 4+ cores)."),
+    ] = "auto",
 ) -> None:
     """Serve every registered task over HTTP, batching requests of all tasks together; new tasks are picked up
     while it runs. SIGTERM or Ctrl-C finishes the requests in flight, then stops."""
@@ -50,7 +56,9 @@ def serve(
         raise SSFTasksError(f"the server needs the serve extra: pip install 'ssf-tasks[serve]' ({e})") from e
     from ssf_tasks.engine import Predictor
 
-    predictor = Predictor(engine_of(ctx), device=device, precision=precision, compile=compile_forward, threads=threads)
+    predictor = Predictor(
+        engine_of(ctx), device=device, precision=precision, compile=compile_forward, threads=threads, decode=decode
+    )
     if compile_forward is None:
         predictor.compile = predictor.device.type == "cuda"
     buckets = tuple(sorted({min(b, max_batch_size) for b in (1, 8, 32, max_batch_size)})) if predictor.compile else ()

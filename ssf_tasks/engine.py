@@ -30,13 +30,14 @@ from .catalog import data_config, eval_transform, load_backbone
 from .config import BackboneRecord, TaskRecord, validate_name
 from .data import IMAGE_EXTENSIONS, ImageDataset, ImageSample, load_splits
 from .errors import BackboneMismatchError, DataError, TaskNotFoundError
-from .image_input import ImageSource, InputStage, decode_threads, iter_batches, split_transform
+from .image_input import ImageSource, InputStage, ThreadDecoder, decode_threads, iter_batches, split_transform
 from .model import MultiTaskSSF
 from .taskfiles import task_tensors
 from .train import evaluate, resolve_device
 
 __all__ = [
     "COMPILE_MIN_BATCHES",
+    "DecodeMode",
     "PRECISIONS",
     "LoadedTasks",
     "Precision",
@@ -54,6 +55,12 @@ COMPILE_MIN_BATCHES = 8
 Precision = Literal["fp32", "bf16"]
 """Forward precisions: fp32, or bf16 autocast."""
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+DecodeMode = Literal["auto", "threads", "processes"]
+"""Who decodes images: threads of this process, worker processes, or ``auto`` (processes from
+:data:`PROCESS_DECODE_MIN_WORKERS` workers on, where threads would be held back by the GIL)."""
+
+PROCESS_DECODE_MIN_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -236,7 +243,8 @@ class Predictor:
         compile: Run the forward through ``torch.compile``, one graph per batch-size bucket. ``None`` compiles on
             CUDA when a ``predict`` call has at least :data:`COMPILE_MIN_BATCHES` batches, so that compiling pays
             for itself; a server passes True and warms its buckets up before serving.
-        threads: Decode threads; by default one per core.
+        threads: Image decoders (threads or processes); by default one per core.
+        decode: Decode in ``threads``, in worker ``processes``, or ``auto`` (processes on 4 cores or more).
 
     Raises:
         TaskNotFoundError, BackboneMismatchError: as :func:`load_tasks`.
@@ -251,6 +259,7 @@ class Predictor:
         precision: Precision = "fp32",
         compile: bool | None = None,
         threads: int | None = None,
+        decode: DecodeMode = "auto",
     ) -> None:
         if precision not in PRECISIONS:
             raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'", field="precision")
@@ -259,7 +268,17 @@ class Predictor:
         self.precision = precision
         self.compile = compile
         self.warm_batch_sizes: tuple[int, ...] = ()
-        self.pool = ThreadPoolExecutor(max_workers=threads or decode_threads(), thread_name_prefix="ssf-decode")
+        if decode not in get_args(DecodeMode):
+            raise DataError(f"decode must be one of {', '.join(get_args(DecodeMode))}, got '{decode}'", field="decode")
+        workers = threads or decode_threads()
+        if decode == "processes" or (decode == "auto" and workers >= PROCESS_DECODE_MIN_WORKERS):
+            from .decode_workers import ProcessDecoder
+
+            self.decoder: ThreadDecoder | ProcessDecoder = ProcessDecoder(workers, pin=self.device.type == "cuda")
+            self.pool = ThreadPoolExecutor(max_workers=4 * workers, thread_name_prefix="ssf-prepare")
+        else:
+            self.decoder = ThreadDecoder(workers)
+            self.pool = self.decoder.pool
         self._refreshing = threading.Lock()
         self._state = _State({}, {}, {}, {})
         names = tasks
@@ -415,7 +434,7 @@ class Predictor:
         """Predict every ``(image, task)`` item, mixing tasks freely within each batch.
 
         Items are grouped by backbone and input transform (in practice: by backbone); each group runs in batches
-        of mixed tasks through one forward of the shared backbone, while the threads decode the next batches.
+        of mixed tasks through one forward of the shared backbone, while the decoders fill the next batches.
 
         Args:
             items: ``(image path or encoded bytes, task name)`` pairs.
@@ -454,7 +473,9 @@ class Predictor:
             sources = [items[i][0] for i in indices]
             names = [_label(items[i][0], source, i + 1) for i in indices]
             pin = self.device.type == "cuda"
-            batches_of = iter_batches(self.pool, group.stage, sources, batch_size, group.input_hw, names=names, pin=pin)
+            batches_of = iter_batches(
+                self.decoder, group.stage, sources, batch_size, group.input_hw, names=names, pin=pin
+            )
             for images, span in batches_of:
                 rows = [indices[j] for j in span]
                 tasks = [items[i][1] for i in rows]
@@ -479,7 +500,8 @@ class Predictor:
         if task not in state.group_of:
             self.record(task)  # raises, listing the known tasks
         key = state.group_of[task]
-        return Prepared(task, key, state.groups[key].stage.to_uint8(image, name))
+        group = state.groups[key]
+        return Prepared(task, key, self.decoder.decode_one(group.stage, image, name, group.input_hw))
 
     def run_prepared(self, items: Sequence[Prepared], top_k: int = 1) -> list[tuple[list[str], list[float]] | str]:
         """One mixed batch of prepared images (any tasks): per item ``(labels, scores)``, or an error message for
@@ -521,8 +543,9 @@ class Predictor:
         return out
 
     def close(self) -> None:
-        """Stop the decode threads."""
+        """Stop the decoders (threads or processes)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decoder.close()
 
 
 def _label(image: ImageSource, source: str, row: int) -> str:

@@ -1,11 +1,11 @@
-"""The input path of inference: images decoded and resized in parallel threads, normalised on the device.
+"""The input path of inference: images decoded and resized in parallel, normalised on the device.
 
 Why: decoding a JPEG and resizing it is the slow part of "files in, predictions out"; a GPU forward of ViT-B takes
-about 0.1 ms an image. PIL releases the GIL while it decodes and resizes, so a pool of threads scales with the
-cores without the copies of worker processes. Each image leaves its thread as a small ``uint8`` tensor (a quarter
-of the float bytes); batches are assembled in pinned memory, copied without blocking, and the float conversion and
-normalisation (timm's ``ToTensor`` + ``Normalize``, the same operations in the same order) run on the device.
-While the device runs one batch, the threads decode the next ones.
+about 0.1 ms an image. Each image is decoded straight into its slot of a ``uint8`` batch buffer (a quarter of the
+float bytes); batches are copied to the device without blocking, and the float conversion and normalisation (timm's
+``ToTensor`` + ``Normalize``, the same operations in the same order) run there. While the device runs one batch,
+the decoders fill the next ones. Decoders are threads here (:class:`ThreadDecoder`: nothing to start, enough for a
+few cores) or worker processes (:class:`~ssf_tasks.decode_workers.ProcessDecoder`: past the GIL on many cores).
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ from torchvision import transforms as T
 
 from .errors import DataError
 
-__all__ = ["ImageSource", "InputStage", "decode_threads", "iter_batches", "load_rgb", "split_transform"]
+__all__ = [
+    "ImageSource",
+    "InputStage",
+    "ThreadDecoder",
+    "decode_threads",
+    "iter_batches",
+    "load_rgb",
+    "split_transform",
+]
 
 ImageSource = str | os.PathLike[str] | bytes
 """An image to predict: a path, or the encoded bytes of a JPEG/PNG/... (the server's requests)."""
@@ -105,8 +113,42 @@ def split_transform(transform: Callable) -> InputStage:
 _TO_TENSOR = ("ToTensor", "MaybeToTensor")
 
 
+class ThreadDecoder:
+    """Decoding in a pool of threads of this process: no start-up cost, the default for small jobs and small hosts.
+
+    :class:`~ssf_tasks.decode_workers.ProcessDecoder` has the same interface and scales past the GIL.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssf-decode")
+
+    def buffers(self, count: int, batch: int, hw: tuple[int, int], pin: bool = False) -> list[torch.Tensor]:
+        """``count`` buffers ``uint8 [batch, H, W, 3]`` (pinned for a GPU)."""
+        return [torch.empty(batch, *hw, 3, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+
+    def release(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Nothing to do: the buffers are freed with their last reference."""
+
+    def submit(
+        self, stage: InputStage, out: torch.Tensor, sources: Sequence[ImageSource], names: Sequence[str | None]
+    ) -> list[Future[None]]:
+        """Decode ``sources`` into the rows of ``out``, one thread task per image."""
+        return [
+            self.pool.submit(stage.decode_into, out[j], src, name)
+            for j, (src, name) in enumerate(zip(sources, names, strict=True))
+        ]
+
+    def decode_one(self, stage: InputStage, source: ImageSource, name: str | None, hw: tuple[int, int]) -> torch.Tensor:
+        """One image, decoded in the calling thread: ``uint8 [H, W, 3]``."""
+        return stage.to_uint8(source, name)
+
+    def close(self) -> None:
+        """Stop the threads."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def iter_batches(
-    pool: ThreadPoolExecutor,
+    decoder: ThreadDecoder,
     stage: InputStage,
     sources: Sequence[ImageSource],
     batch_size: int,
@@ -118,14 +160,14 @@ def iter_batches(
 ) -> Iterator[tuple[torch.Tensor, range]]:
     """``(uint8 batch [b, H, W, 3], positions in sources)`` in order, with ``prefetch`` batches decoding ahead.
 
-    Each thread decodes its image straight into its slot of a batch buffer; ``prefetch + 2`` buffers (pinned for a
-    GPU) are reused in turn, so a buffer is written again only after its batch was copied and run (the caller
-    reads each batch's results back before asking for the next one).
+    The decoder (threads or processes) writes each image straight into its slot of a batch buffer; ``prefetch + 2``
+    buffers (pinned for a GPU) are reused in turn, so a buffer is written again only after its batch was copied and
+    run (the caller reads each batch's results back before asking for the next one).
 
     Raises:
         DataError: the first image (in order) that cannot be read, naming it.
     """
-    ring = [torch.empty(batch_size, *input_hw, 3, dtype=torch.uint8, pin_memory=pin) for _ in range(prefetch + 2)]
+    ring = decoder.buffers(prefetch + 2, batch_size, input_hw, pin)
     starts = iter(range(0, len(sources), batch_size))
     pending: deque[tuple[range, torch.Tensor, list[Future[None]]]] = deque()
     turn = 0
@@ -138,11 +180,8 @@ def iter_batches(
         span = range(start, min(start + batch_size, len(sources)))
         buffer = ring[turn % len(ring)][: len(span)]
         turn += 1
-        futures = [
-            pool.submit(stage.decode_into, buffer[j], sources[i], names[i] if names else None)
-            for j, i in enumerate(span)
-        ]
-        pending.append((span, buffer, futures))
+        batch_names = [names[i] for i in span] if names else [None] * len(span)
+        pending.append((span, buffer, decoder.submit(stage, buffer, [sources[i] for i in span], batch_names)))
 
     for _ in range(prefetch + 1):
         submit()
@@ -157,3 +196,11 @@ def iter_batches(
         for _, _, futures in pending:
             for future in futures:
                 future.cancel()
+        for _, _, futures in pending:  # a buffer goes back only once nothing writes into it
+            for future in futures:
+                if not future.cancelled():
+                    try:
+                        future.result()
+                    except Exception:  # noqa: BLE001 (the first error was raised already)
+                        pass
+        decoder.release(ring)

@@ -94,10 +94,11 @@ def test_fast_input_path_equals_the_training_transform(tmp_path, protocol):
     assert_close(from_bytes, reference, rtol=0, atol=0)
 
 
-def test_predictor_gives_the_eager_model_outputs_and_names_bad_images(engine, tmp_path):
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_predictor_gives_the_eager_model_outputs_and_names_bad_images(engine, tmp_path, decode):
     train_and_store(engine, "a", "tr", tmp_path / "data", CONFIG)
     images = sorted((tmp_path / "data" / "test").glob("*/*.jpg"))
-    predictor = Predictor(engine, device="cpu", threads=3)
+    predictor = Predictor(engine, device="cpu", threads=2, decode=decode)
     got = predictor.predict([(p, "a") for p in images] + [(images[0].read_bytes(), "a")], batch_size=3)
     loaded = load_tasks(engine, ["a"])
     transform = loaded.transform("a")
@@ -114,6 +115,67 @@ def test_predictor_gives_the_eager_model_outputs_and_names_bad_images(engine, tm
         predictor.predict([(images[0], "a"), (broken, "a")])
     with pytest.raises(DataError, match="item 1"):
         predictor.predict([(b"not an image", "a")], source="request")
+    assert predictor.predict([(p, "a") for p in images], batch_size=3) == got[:-1]  # an error spoils nothing
+    prepared = predictor.prepare(images[1].read_bytes(), "a", name="image 0")
+    assert predictor.run_prepared([prepared]) == [(got[1].labels, got[1].scores)]
+    with pytest.raises(DataError, match="image 7"):
+        predictor.prepare(b"junk", "a", name="image 7")
+    predictor.close()
+
+
+def test_decoder_processes_write_the_bytes_threads_write(tmp_path):
+    """Worker processes run the very decode of the threads: equal uint8 batches, odd images included."""
+    from ssf_tasks.decode_workers import ProcessDecoder
+    from ssf_tasks.image_input import ThreadDecoder, iter_batches
+
+    paths = write_image_folder(tmp_path, ["x"], {"test": 9}, size=90)
+    Image.open(paths[0]).convert("L").save(tmp_path / "gray.png")
+    Image.open(paths[1]).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    sources = [*paths, tmp_path / "gray.png", tmp_path / "cmyk.jpg", paths[2].read_bytes()]
+    stage = split_transform(build_transform(timm.create_model("test_vit"), train=False, protocol="vtab", input_size=72))
+    threads, processes = ThreadDecoder(2), ProcessDecoder(2)
+    try:
+        batches = {
+            name: torch.cat([b.clone() for b, _ in iter_batches(decoder, stage, sources, 4, (72, 72))])
+            for name, decoder in (("threads", threads), ("processes", processes))
+        }
+        assert torch.equal(batches["threads"], batches["processes"])
+        assert torch.equal(processes.decode_one(stage, sources[-1], "bytes", (72, 72)), batches["threads"][-1])
+    finally:
+        threads.close()
+        processes.close()
+
+
+def test_decoder_process_killed_mid_batch_fails_the_batch_not_the_caller(tmp_path):
+    """A decode worker that dies (OOM killer, a crash in a codec) fails the images in flight with a message, is
+    replaced, and the next call decodes as before: nothing waits forever."""
+    import os
+    import signal
+    import time
+
+    from ssf_tasks.decode_workers import ProcessDecoder
+    from ssf_tasks.image_input import iter_batches
+
+    paths = write_image_folder(tmp_path, ["x"], {"test": 8}, size=90)
+    stage = split_transform(build_transform(timm.create_model("test_vit"), train=False, protocol="vtab", input_size=72))
+    decoder = ProcessDecoder(2)
+    try:
+        expected = torch.cat([b.clone() for b, _ in iter_batches(decoder, stage, paths, 4, (72, 72))])
+        buffers = decoder.buffers(1, 400, (72, 72))
+        futures = decoder.submit(stage, buffers[0], paths * 50, [None] * 400)
+        for worker in list(decoder._workers):
+            os.kill(worker.process.pid, signal.SIGKILL)
+        with pytest.raises(DataError, match="decoder process stopped"):
+            for future in futures:
+                future.result(timeout=30)
+        decoder.release(buffers)
+        deadline = time.monotonic() + 30
+        while not all(w.process.is_alive() for w in decoder._workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        again = torch.cat([b.clone() for b, _ in iter_batches(decoder, stage, paths, 4, (72, 72))])
+        assert torch.equal(again, expected)
+    finally:
+        decoder.close()
 
 
 def test_refresh_adds_versions_and_removes_tasks_without_changing_the_others(engine, tmp_path):
