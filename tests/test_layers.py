@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "application",
         {
-            "atomic_files", "backbones", "catalog", "config", "data", "engine", "export", "image_input",
-            "predictions_csv", "registry", "taskfiles", "train", "training_job",
+            "atomic_files", "backbones", "catalog", "config", "data", "decode_workers", "engine", "export",
+            "image_input", "predictions_csv", "registry", "taskfiles", "train", "training_job",
         },
     ),
     ("server", {"serve"}),
