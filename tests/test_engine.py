@@ -163,14 +163,17 @@ def test_decoder_process_killed_mid_batch_fails_the_batch_not_the_caller(tmp_pat
         expected = torch.cat([b.clone() for b, _ in iter_batches(decoder, stage, paths, 4, (72, 72))])
         buffers = decoder.buffers(1, 400, (72, 72))
         futures = decoder.submit(stage, buffers[0], paths * 50, [None] * 400)
-        for worker in list(decoder._workers):
-            os.kill(worker.process.pid, signal.SIGKILL)
+        killed = {worker.process.pid for worker in decoder._workers}
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
         with pytest.raises(DataError, match="decoder process stopped"):
             for future in futures:
                 future.result(timeout=30)
         decoder.release(buffers)
         deadline = time.monotonic() + 30
-        while not all(w.process.is_alive() for w in decoder._workers) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not all(
+            w.process.pid not in killed and w.process.is_alive() for w in decoder._workers
+        ):
             time.sleep(0.1)
         again = torch.cat([b.clone() for b, _ in iter_batches(decoder, stage, paths, 4, (72, 72))])
         assert torch.equal(again, expected)
