@@ -26,7 +26,7 @@ from ssf_tasks.errors import SSFTasksError
 
 from . import backbone, task
 from .serve import serve
-from .state import AppState, engine_of, stdout
+from .state import AppState, DecodeMode, DecodeThreads, engine_of, stdout
 
 __all__ = ["app", "main"]
 
@@ -159,13 +159,8 @@ def predict_command(
         Literal["fp32", "bf16"],
         typer.Option("--precision", help="fp32, or bf16 autocast (scores differ by about 1e-2)."),
     ] = "fp32",
-    threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="Image decoders (default: one per core).")
-    ] = None,
-    decode: Annotated[
-        Literal["auto", "threads", "processes"],
-        typer.Option("--decode", help="Decode in threads, in worker processes, or auto (processes on 4+ cores)."),
-    ] = "auto",
+    threads: DecodeThreads = None,
+    decode: DecodeMode = "auto",
 ) -> None:
     """Predict a manifest mixing any registered tasks, in batches of mixed tasks through one backbone pass."""
     from ssf_tasks.data import read_predict_manifest

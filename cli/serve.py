@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from .state import engine_of, stderr
+from .state import DecodeMode, DecodeThreads, engine_of, stderr
 
 __all__ = ["serve"]
 
@@ -36,13 +36,8 @@ def serve(
             show_default=False,
         ),
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="Image decoders [default: one per core].")
-    ] = None,
-    decode: Annotated[
-        Literal["auto", "threads", "processes"],
-        typer.Option("--decode", help="Decode in threads, in worker processes, or auto (processes on 4+ cores)."),
-    ] = "auto",
+    threads: DecodeThreads = None,
+    decode: DecodeMode = "auto",
 ) -> None:
     """Serve every registered task over HTTP, batching requests of all tasks together; new tasks are picked up
     while it runs. SIGTERM or Ctrl-C finishes the requests in flight, then stops."""

@@ -6,7 +6,7 @@ The registry is opened on first use, so ``--help`` and usage errors never create
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -14,7 +14,7 @@ from rich.console import Console
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["AppState", "engine_of", "print_table", "stderr", "stdout"]
+__all__ = ["AppState", "DecodeMode", "DecodeThreads", "engine_of", "print_table", "stderr", "stdout"]
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -55,3 +55,13 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+DecodeThreads = Annotated[int | None, typer.Option("--threads", min=1, help="Image decoders (default: one per core).")]
+"""``--threads`` of the commands that decode images (predict, serve)."""
+
+DecodeMode = Annotated[
+    Literal["auto", "threads", "processes"],
+    typer.Option("--decode", help="Decode in threads, in worker processes, or auto (processes on 4+ cores)."),
+]
+"""``--decode`` of the commands that decode images (predict, serve)."""
