@@ -97,7 +97,8 @@ def _forward_rate(url: str, batch: int, precision: str, device: str, repeats: in
     names = sorted(state.records)
     tasks = [names[i % len(names)] for i in range(batch)]
     images = torch.randint(0, 256, (batch, *group.input_hw, 3), dtype=torch.uint8, device=device)
-    run = lambda: predictor._logits(group, images, tasks, batch, compiled=device == "cuda")  # noqa: E731
+    rows = [state.rows[t] for t in tasks]
+    run = lambda: predictor._logits(group, images, rows, batch, compiled=device == "cuda")  # noqa: E731
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     for _ in range(3):
         run()

@@ -4,18 +4,25 @@ A :class:`Predictor` owns, per backbone, one :class:`~ssf_tasks.model.MultiTaskS
 forward (compiled per batch-size bucket on CUDA), and the input path of :mod:`ssf_tasks.image_input`. ``predict``,
 ``task eval``, ``export``, the server and the benchmarks all go through it; nothing else groups, pads or compiles.
 
-Continual adaptation: :meth:`Predictor.refresh` loads tasks registered (or versioned) since, and drops removed ones,
-on a copy of the model that replaces the serving one in one assignment; answers of the other tasks do not change,
-since their rows are copied unchanged and the backbone is frozen.
+Continual adaptation: :meth:`Predictor.refresh` loads tasks registered (or versioned) since, and drops removed ones.
+Each model keeps spare rows in its tables: a new task is written into one in place, so the compiled forwards serve it
+at once with no new graph, while running batches, which index other rows, go on undisturbed. A removed or replaced
+task's row is retired and becomes spare again only once no batch that may read it is running. Without a spare row
+(or with more classes than the heads have columns) the new tasks are loaded on a copy of the model, compiled and
+warmed beside the serving one, which it then replaces in one assignment. Either way the other tasks' rows and the
+frozen backbone are untouched, so their answers do not change.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -61,6 +68,15 @@ DecodeMode = Literal["auto", "threads", "processes"]
 :data:`PROCESS_DECODE_MIN_WORKERS` workers on, where threads would be held back by the GIL)."""
 
 PROCESS_DECODE_MIN_WORKERS = 4
+
+MIN_SPARE_ROWS = 16
+"""Spare task rows a model keeps at least (as many as its tasks beyond that): tasks registered while serving
+take one each, with no new compiled graph."""
+MIN_HEAD_WIDTH = 16
+"""Head columns a model keeps at least (rounded up to a power of two above that), so that new tasks of up to
+that many classes fit the compiled forwards."""
+_SPARE = "#spare-"  # row names no task can have: task names start with a lower-case letter or a digit
+_RETIRED = "#retired-"
 
 
 @dataclass(frozen=True)
@@ -229,6 +245,8 @@ class _State:
     models: dict[str, MultiTaskSSF]  # by backbone name
     groups: dict[tuple, _Group]  # by (backbone, transform protocol, input size)
     group_of: dict[str, tuple]  # task name -> its group's key
+    rows: dict[str, int]  # task name -> its row in its model's tables
+    epoch: int = 0
 
 
 class Predictor:
@@ -280,7 +298,11 @@ class Predictor:
             self.decoder = ThreadDecoder(workers)
             self.pool = self.decoder.pool
         self._refreshing = threading.Lock()
-        self._state = _State({}, {}, {}, {})
+        self._flight_lock = threading.Lock()
+        self._in_flight: Counter[int] = Counter()  # epoch -> calls reading that state
+        self._retired: list[tuple[int, str, str]] = []  # (first epoch not reading it, backbone, row name)
+        self._row_names = itertools.count()
+        self._state = _State({}, {}, {}, {}, {})
         names = tasks
         if names is None:
             with Session(engine) as s:
@@ -308,29 +330,38 @@ class Predictor:
     def _build(self, read: list[str], drop: set[str]) -> _State:
         """A new state: the current one with tasks ``read`` (re)loaded from the registry and ``drop`` removed.
 
-        Backbones none of whose tasks change keep their model and compiled forwards; the others get a copy of their
-        model (the serving one is never changed under a running batch), warmed up before it serves.
+        Backbones none of whose tasks change keep their model and compiled forwards. The others take the new tasks
+        into spare rows in place where they fit (:meth:`_build_in_place`), else get a copy of their model (the
+        serving one is never reshaped under a running batch), warmed up before it serves.
         """
         old = self._state
         tasks, backbones, payloads = _read_tasks(self.engine, read, {})
+        states = {name: task_tensors(payloads[name], name) for name in tasks}
+        in_place = self._build_in_place(tasks, states, drop)
+        if in_place is not None:
+            return in_place
         records = {n: r for n, r in old.records.items() if n not in drop}
         records.update(tasks)
         changed = {r.backbone for r in tasks.values()} | {old.records[n].backbone for n in drop if n in old.records}
         models: dict[str, MultiTaskSSF] = {}
-        for name, record in records.items():
+        for record in records.values():
             backbone = record.backbone
-            if backbone not in models:
-                if backbone in old.models:
-                    unchanged = backbone not in changed
-                    models[backbone] = old.models[backbone] if unchanged else copy.deepcopy(old.models[backbone])
-                else:
-                    models[backbone] = MultiTaskSSF(load_backbone(backbones[backbone])).eval().to(self.device)
-            if name in tasks:
-                state = task_tensors(payloads[name], name)
-                models[backbone].load_task(name, state, replace=name in models[backbone].task_names)
-        for model in models.values():
-            for name in [n for n in model.task_names if n not in records]:
-                model.remove_task(name)
+            if backbone in models:
+                continue
+            if backbone not in old.models:
+                models[backbone] = MultiTaskSSF(load_backbone(backbones[backbone])).eval().to(self.device)
+            elif backbone not in changed:
+                models[backbone] = old.models[backbone]
+            else:
+                models[backbone] = model = copy.deepcopy(old.models[backbone])
+                for name in model.task_names:  # retired rows, removed tasks and the old versions of updated ones
+                    if not name.startswith(_SPARE) and (name not in records or name in tasks):
+                        model.remove_task(name)
+                self._retired = [r for r in self._retired if r[1] != backbone]
+        for backbone in changed & set(models):
+            model = models[backbone]
+            model.load_tasks({n: states[n] for n, r in tasks.items() if r.backbone == backbone})
+            self._reserve(model)
         groups: dict[tuple, _Group] = {}
         group_of: dict[str, tuple] = {}
         for name, record in sorted(records.items()):
@@ -347,10 +378,94 @@ class Predictor:
             stage = split_transform(eval_transform(model.backbone, backbone_record, config))
             probe = stage.resize(Image.new("RGB", (64, 64)))
             groups[key] = _Group(model, stage, (probe.height, probe.width))
-        state = _State(records, models, groups, group_of)
+        rows = {name: models[record.backbone].task_index(name) for name, record in records.items()}
+        state = _State(records, models, groups, group_of, rows, old.epoch + 1)
         if self.warm_batch_sizes:
             self._warm(state, self.warm_batch_sizes)
         return state
+
+    def _reserve(self, model: MultiTaskSSF) -> None:
+        """Give ``model`` its spare rows and head columns (see :data:`MIN_SPARE_ROWS`, :data:`MIN_HEAD_WIDTH`)."""
+        width = max(MIN_HEAD_WIDTH, model.max_classes)
+        model.widen_heads(1 << (width - 1).bit_length())
+        tasks = sum(not n.startswith("#") for n in model.task_names)
+        spares = sum(n.startswith(_SPARE) for n in model.task_names)
+        wanted = max(MIN_SPARE_ROWS, tasks) - spares
+        if wanted > 0:
+            model.add_tasks({f"{_SPARE}{next(self._row_names)}": 1 for _ in range(wanted)})
+
+    def _build_in_place(
+        self, tasks: dict[str, TaskRecord], states: dict[str, dict[str, torch.Tensor]], drop: set[str]
+    ) -> _State | None:
+        """The new state with every task of ``tasks`` written into a spare row of its serving model, or ``None``
+        where one does not fit (a new backbone or input transform, no spare row left, more classes than columns).
+
+        A dropped task's row, and the old version's row of an updated task, are retired: running batches of the
+        current state may still read them (see :meth:`_release_retired`).
+        """
+        old = self._state
+        self._release_retired()
+        need: Counter[str] = Counter()
+        for name, record in tasks.items():
+            model = old.models.get(record.backbone)
+            config = record.train_config
+            if model is None or (record.backbone, config.transform, config.input_size) not in old.groups:
+                return None
+            if int(states[name]["head.weight"].shape[0]) > model.max_classes:
+                return None
+            need[record.backbone] += 1
+        for backbone, count in need.items():
+            if sum(n.startswith(_SPARE) for n in old.models[backbone].task_names) < count:
+                return None
+        epoch = old.epoch + 1
+        for name in [*drop, *(n for n in tasks if n in old.records)]:
+            backbone = old.records[name].backbone
+            retired = f"{_RETIRED}{next(self._row_names)}"
+            old.models[backbone].rename_task(name, retired)
+            self._retired.append((epoch, backbone, retired))
+        for name, record in tasks.items():
+            model = old.models[record.backbone]
+            spare = next(n for n in model.task_names if n.startswith(_SPARE))
+            model.write_task(spare, name, states[name])
+        records = {n: r for n, r in old.records.items() if n not in drop}
+        records.update(tasks)
+        group_of = {
+            name: (record.backbone, record.train_config.transform, record.train_config.input_size)
+            for name, record in records.items()
+        }
+        groups = {key: old.groups[key] for key in set(group_of.values())}
+        models = {record.backbone: old.models[record.backbone] for record in records.values()}
+        rows = {name: models[record.backbone].task_index(name) for name, record in records.items()}
+        return _State(records, models, groups, group_of, rows, epoch)
+
+    def _release_retired(self) -> None:
+        """Make retired rows spare again once no call is reading a state that may index them."""
+        with self._flight_lock:
+            oldest = min(self._in_flight, default=None)
+        keep = []
+        for epoch, backbone, name in self._retired:
+            model = self._state.models.get(backbone)
+            if model is None or name not in model.task_names:
+                continue
+            if oldest is not None and oldest < epoch:
+                keep.append((epoch, backbone, name))
+            else:
+                model.rename_task(name, f"{_SPARE}{next(self._row_names)}")
+        self._retired = keep
+
+    @contextmanager
+    def _reading(self) -> Iterator[_State]:
+        """The current state, counted as read until the block ends (retired rows wait for such readers)."""
+        with self._flight_lock:
+            state = self._state
+            self._in_flight[state.epoch] += 1
+        try:
+            yield state
+        finally:
+            with self._flight_lock:
+                self._in_flight[state.epoch] -= 1
+                if not self._in_flight[state.epoch]:
+                    del self._in_flight[state.epoch]
 
     def _backbone_record(self, name: str) -> BackboneRecord:
         with Session(self.engine) as s:
@@ -385,10 +500,10 @@ class Predictor:
 
     def _warm(self, state: _State, batch_sizes: Sequence[int]) -> None:
         for key, group in state.groups.items():
-            task = next(n for n, k in state.group_of.items() if k == key)
+            row = next(state.rows[n] for n, k in state.group_of.items() if k == key)
             for size in batch_sizes:
                 images = torch.zeros(size, *group.input_hw, 3, dtype=torch.uint8)
-                self._logits(group, images, [task] * size, size, compiled=bool(self.compile))
+                self._logits(group, images, [row] * size, size, compiled=bool(self.compile))
 
     def bucket(self, count: int) -> int:
         """The smallest warmed-up batch size that holds ``count`` images (``count`` itself if none does)."""
@@ -398,16 +513,16 @@ class Predictor:
         self,
         group: _Group,
         images: torch.Tensor,
-        tasks: Sequence[str],
+        rows: Sequence[int],
         bucket: int,
         *,
         compiled: bool,
     ) -> torch.Tensor:
-        """Logits ``[b, max_classes]`` of one ``uint8 [b, H, W, 3]`` batch (``b <= bucket``), padded to ``bucket`` when
-        compiled."""
+        """Logits ``[b, max_classes]`` of one ``uint8 [b, H, W, 3]`` batch (``b <= bucket``) whose samples read the
+        task rows ``rows``, padded to ``bucket`` when compiled."""
         model = group.model
         count = images.shape[0]
-        index = torch.tensor([model.task_index(t) for t in tasks], dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long)
         compiled = compiled and self.device.type == "cuda"
         if compiled and count < bucket:  # one static shape per bucket: no recompilation for a short batch
             images = torch.cat([images, images.new_zeros(bucket - count, *images.shape[1:])])
@@ -455,7 +570,12 @@ class Predictor:
             raise DataError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
         if not items:
             raise DataError(f"{source} has no rows")
-        state = self._state  # one consistent view, whatever refresh does meanwhile
+        with self._reading() as state:  # one consistent view, whatever refresh does meanwhile
+            return self._predict(state, items, batch_size, top_k, source)
+
+    def _predict(
+        self, state: _State, items: Sequence[tuple[ImageSource, str]], batch_size: int, top_k: int, source: str
+    ) -> list[Prediction]:
         for row, (image, task) in enumerate(items, start=1):
             if task not in state.group_of:
                 known = ", ".join(sorted(state.records)) or "none"
@@ -480,7 +600,7 @@ class Predictor:
                 rows = [indices[j] for j in span]
                 tasks = [items[i][1] for i in rows]
                 bucket = batch_size if compiled else len(rows)
-                logits = self._logits(group, images, tasks, bucket, compiled=compiled)
+                logits = self._logits(group, images, [state.rows[t] for t in tasks], bucket, compiled=compiled)
                 for i, task, (labels, scores) in zip(
                     rows, tasks, self.top_k(logits, tasks, top_k, state=state), strict=True
                 ):
@@ -506,7 +626,12 @@ class Predictor:
     def run_prepared(self, items: Sequence[Prepared], top_k: int = 1) -> list[tuple[list[str], list[float]] | str]:
         """One mixed batch of prepared images (any tasks): per item ``(labels, scores)``, or an error message for
         an item whose task was removed or changed its transform since it was prepared."""
-        state = self._state
+        with self._reading() as state:
+            return self._run_prepared(state, items, top_k)
+
+    def _run_prepared(
+        self, state: _State, items: Sequence[Prepared], top_k: int
+    ) -> list[tuple[list[str], list[float]] | str]:
         out: list[tuple[list[str], list[float]] | str] = [""] * len(items)
         by_group: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
@@ -523,7 +648,8 @@ class Predictor:
         for key, rows in chunks:  # no batch beyond the largest warmed-up size: it would compile a new graph
             tasks = [items[i].task for i in rows]
             images = torch.stack([items[i].image for i in rows])
-            logits = self._logits(state.groups[key], images, tasks, self.bucket(len(rows)), compiled=bool(self.compile))
+            group, bucket = state.groups[key], self.bucket(len(rows))
+            logits = self._logits(group, images, [state.rows[t] for t in tasks], bucket, compiled=bool(self.compile))
             for i, result in zip(rows, self.top_k(logits, tasks, top_k, state=state), strict=True):
                 out[i] = result
         return out

@@ -180,18 +180,24 @@ class MultiTaskSSF(nn.Module):
                 _append_rows(site, "ssf_scale", 1.0 + noise[:, 0])
                 if site.ssf_shift is not None:
                     _append_rows(site, "ssf_shift", noise[:, 1])
-            width = max(self.max_classes, *counts)
+            self.widen_heads(max(counts))
+            width = self.max_classes
             heads = torch.zeros(count, width, self.num_features)
             bound = 1.0 / math.sqrt(self.num_features)  # nn.Linear's default range
             for row, k in enumerate(counts):
                 heads[row, :k].uniform_(-bound, bound, generator=generator)
-            if width > self.max_classes:  # widen every earlier head with zero columns (masked to -inf)
-                pad = (0, 0, 0, width - self.max_classes)
-                self.head_weight = _like(self.head_weight, nn.functional.pad(self.head_weight.detach(), pad))
-                self.head_bias = _like(self.head_bias, nn.functional.pad(self.head_bias.detach(), pad[2:]))
             _append_rows(self, "head_weight", heads)
             _append_rows(self, "head_bias", torch.zeros(count, width))
         self._set_tasks([*self.task_names, *tasks], [*self._counts, *counts])
+
+    def widen_heads(self, width: int) -> None:
+        """Give every head at least ``width`` columns: zero columns, masked to ``-inf`` like any column past a
+        task's class count, so no task's logits change."""
+        if width > self.max_classes:
+            pad = (0, 0, 0, width - self.max_classes)
+            with torch.no_grad():
+                self.head_weight = _like(self.head_weight, nn.functional.pad(self.head_weight.detach(), pad))
+                self.head_bias = _like(self.head_bias, nn.functional.pad(self.head_bias.detach(), pad[2:]))
 
     def remove_task(self, name: str) -> None:
         """Drop a task's rows from every table; other tasks are unaffected."""
@@ -223,6 +229,45 @@ class MultiTaskSSF(nn.Module):
             self.remove_task(name)
         self.add_task(name, num_classes)
         self._write_task_rows(self.task_index(name), state)
+
+    def load_tasks(self, states: Mapping[str, dict[str, torch.Tensor]]) -> None:
+        """Add several new tasks from their :meth:`task_state_dict`, all checked first, with one copy of every table."""
+        counts = {name: self._check_task_state(name, state) for name, state in states.items()}
+        self.add_tasks(counts)
+        for name, state in states.items():
+            self._write_task_rows(self.task_index(name), state)
+
+    def write_task(self, row_of: str, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Put task ``name`` into the row that ``row_of`` holds now, in place.
+
+        No table is reallocated, so a compiled forward keeps reading the same tensors and needs no new graph;
+        batches that index other rows are not affected. The task's classes must fit :attr:`max_classes`.
+        """
+        num_classes = self._check_task_state(name, state)
+        t = self.task_index(row_of)
+        if name != row_of and name in self._index:
+            raise DuplicateTaskError(f"task {name!r} already exists")
+        if num_classes > self.max_classes:
+            raise StateDictMismatchError(
+                f"task {name!r} has {num_classes} classes, more than the {self.max_classes} columns of the heads"
+            )
+        self._write_task_rows(t, state)
+        with torch.no_grad():
+            self.class_counts[t] = num_classes
+        names, counts = list(self.task_names), list(self._counts)
+        names[t], counts[t] = name, num_classes
+        self.task_names, self._counts = names, counts
+        self._index = {n: i for i, n in enumerate(names)}
+
+    def rename_task(self, old: str, new: str) -> None:
+        """Give task ``old``'s row the name ``new``; no tensor changes."""
+        t = self.task_index(old)
+        if new in self._index:
+            raise DuplicateTaskError(f"task {new!r} already exists")
+        names = list(self.task_names)
+        names[t] = new
+        self.task_names = names
+        self._index = {n: i for i, n in enumerate(names)}
 
     def update_task(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Overwrite an existing task's rows in place (same class count), keeping its position."""

@@ -206,6 +206,73 @@ def test_refresh_adds_versions_and_removes_tasks_without_changing_the_others(eng
     other.dispose()
 
 
+def store_variant(engine, name, *, like="a", seed=0, classes=None, new_version=False):
+    """Store task ``name`` as a random variant of task ``like`` (same backbone and transform), without training."""
+    from sqlalchemy.orm import Session
+
+    from ssf_tasks import registry
+    from ssf_tasks.taskfiles import task_payload, task_tensors
+
+    with Session(engine) as s:
+        record = registry.get_task(s, like)
+        state = task_tensors(registry.get_task_payload(s, like, record.version), like)
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
+    names = record.class_names
+    if classes is not None:
+        names = [f"c{i}" for i in range(classes)]
+        width = state["head.weight"].shape[1]
+        state["head.weight"] = torch.randn(classes, width, generator=generator) * 0.1
+        state["head.bias"] = torch.zeros(classes)
+    record = record.model_copy(update={"name": name, "class_names": names, "payload_sha256": ""})
+    with registry.transaction(engine, "test") as s:
+        registry.add_task_version(s, record, task_payload(state), new_version=new_version)
+
+
+def test_refresh_writes_new_tasks_into_spare_rows_and_reuses_a_retired_row_only_after_its_readers(engine, tmp_path):
+    """A task registered while serving goes into a spare row of the serving model (no table reallocated, so a
+    compiled forward needs no new graph); a replaced version's row is not reused while a call still reads it."""
+    train_and_store(engine, "a", "tr", tmp_path / "data", CONFIG)
+    images = sorted((tmp_path / "data" / "test").glob("*/*.jpg"))
+    predictor = Predictor(engine, device="cpu", threads=2)
+    before = predictor.predict([(p, "a") for p in images], top_k=3)
+    model = predictor._state.models["tr"]
+    tables = [t.data_ptr() for t in model.parameters()]
+
+    store_variant(engine, "b", seed=1)
+    assert predictor.refresh() == {"added": ["b"], "updated": [], "removed": []}
+    assert predictor._state.models["tr"] is model and [t.data_ptr() for t in model.parameters()] == tables
+    mixed = predictor.predict([(p, "ab"[i % 2]) for i, p in enumerate(images)], top_k=3)
+    fresh = Predictor(engine, device="cpu", threads=2)
+    expected = fresh.predict([(p, "ab"[i % 2]) for i, p in enumerate(images)], top_k=3)
+    fresh.close()
+    assert [p.labels for p in mixed] == [p.labels for p in expected]
+    assert_close([p.scores for p in mixed], [p.scores for p in expected])
+    assert [p.scores for p in mixed if p.task == "a"] == [p.scores for p in before[::2]]  # bit for bit
+
+    b_items = [(p, "b") for p in images]
+    b_before = predictor.predict(b_items, top_k=3)
+    with predictor._reading() as reading:  # a call still running on the state before the update
+        store_variant(engine, "b", seed=2, new_version=True)
+        assert predictor.refresh()["updated"] == ["b"]
+        store_variant(engine, "c", seed=3)
+        assert predictor.refresh()["added"] == ["c"]
+        assert reading.rows["b"] not in (predictor._state.rows["b"], predictor._state.rows["c"])
+        assert predictor._predict(reading, b_items, 64, 3, "test") == b_before  # the old version, unchanged
+    assert predictor.predict(b_items, top_k=3) != b_before
+    store_variant(engine, "d", seed=4)
+    predictor.refresh()
+    assert predictor._state.rows["d"] == reading.rows["b"]  # released once its reader finished, then reused
+    assert [t.data_ptr() for t in model.parameters()] == tables
+
+    store_variant(engine, "wide", seed=5, classes=40)  # more classes than the heads have columns: a new model
+    assert predictor.refresh()["added"] == ["wide"]
+    assert predictor._state.models["tr"] is not model
+    assert predictor.predict([(p, "a") for p in images], top_k=3) == before
+    assert len(predictor.predict([(images[0], "wide")], top_k=40)[0].labels) == 40
+    predictor.close()
+
+
 def test_read_only_registry_fails_before_training(engine, tmp_path, monkeypatch):
     # A registry that cannot be written must be refused in the first second, not after the whole run.
     def must_not_train(*args, **kwargs):
