@@ -257,20 +257,34 @@ def bench_serve(
     processes: int = 8,
     per_request: tuple[int, ...] = (1, 8),
     device: str = "cuda",
+    http_workers: tuple[int, ...] = (1, 8),
 ) -> list[Row]:
     """``ssf-tasks serve`` under ``clients`` concurrent clients over loopback (real JPEGs of many tasks): throughput and
-    p50/p99 at full load, p99 at half that load, and how soon a task registered meanwhile answers."""
-    import httpx
-
+    p50/p99 at full load, p99 at half that load, and how soon a task registered meanwhile answers; one server per
+    entry of ``http_workers``, one after another in this run."""
     url, paths = make_registry(folder, model, tasks, 512)
     rows = [_forward_rate(url, batch, precision, device)]
     names = [f"task{i:03d}" for i in range(tasks)]
     bodies = [(names[i % tasks], p.read_bytes()) for i, p in enumerate(paths)]
+    for workers in http_workers:
+        rows += _serve_rows(url, names, bodies, batch, precision, clients, seconds, processes, per_request, device,
+                            workers)  # fmt: skip
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _serve_rows(url, names, bodies, batch, precision, clients, seconds, processes, per_request, device, workers):
+    """One server with ``workers`` HTTP worker processes under load; see :func:`bench_serve`."""
+    import httpx
+
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "ssf_tasks_cli.main", "--registry", url, "serve", "--port", str(port),
                "--device", device, "--precision", precision, "--max-batch-size", str(batch), "--max-delay-ms", "2",
-               "--poll-seconds", "0.5"]  # fmt: skip
+               "--poll-seconds", "0.5", "--http-workers", str(workers)]  # fmt: skip
+    rows: list[Row] = []
+    label = f"{workers} HTTP worker(s)"
     started = time.perf_counter()
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
@@ -283,15 +297,15 @@ def bench_serve(
             if server.poll() is not None:
                 raise RuntimeError(server.stderr.read()[-2000:])
             time.sleep(0.5)
-        rows.append({"what": "serve start-up to ready (load, compile and warm the batch buckets)",
+        rows.append({"what": f"serve, {label}: start-up to ready (load, compile and warm the batch buckets)",
                      "seconds": time.perf_counter() - started})  # fmt: skip
         _load(base, bodies, 8, 2, 3, 0, 1)  # warm the connections and the decode threads
         for k in per_request:
             full = _load(base, bodies, clients, processes, seconds, 0, k)
-            rows.append({"what": f"serve, {clients} clients, {k} image(s) per request, full load", **full})
+            rows.append({"what": f"serve, {label}, {clients} clients, {k} image(s) per request, full load", **full})
             per_client = full["img_s"] / 2 / clients / k
             half = _load(base, bodies, clients, processes, seconds, per_client, k)
-            rows.append({"what": f"serve, {clients} clients, {k} image(s) per request, half load", **half})
+            rows.append({"what": f"serve, {label}, {clients} clients, {k} image(s) per request, half load", **half})
         # A task registered while serving: seconds until it answers.
         from ssf_tasks import registry
         from ssf_tasks.config import TaskRecord
@@ -303,16 +317,17 @@ def bench_serve(
         with Session(engine) as s:
             source = registry.get_task(s, names[0])
             payload = registry.get_task_payload(s, names[0])
-        record = TaskRecord(name="fresh", backbone=source.backbone, backbone_fingerprint=source.backbone_fingerprint,
+        fresh = f"fresh{workers}"
+        record = TaskRecord(name=fresh, backbone=source.backbone, backbone_fingerprint=source.backbone_fingerprint,
                             class_names=source.class_names)  # fmt: skip
         registered = time.perf_counter()
         with registry.transaction(engine, "bench") as s:
             registry.add_task_version(s, record, task_payload(task_tensors(payload, names[0])), new_version=False)
-        while httpx.get(f"{base}/v2/models/fresh/ready").status_code != 200:
+        while httpx.get(f"{base}/v2/models/{fresh}/ready").status_code != 200:
             time.sleep(0.02)
-        answered = httpx.post(f"{base}/v2/models/fresh/infer", content=bodies[0][1],
+        answered = httpx.post(f"{base}/v2/models/{fresh}/infer", content=bodies[0][1],
                               headers={"content-type": "image/jpeg"}, timeout=300)  # fmt: skip
-        rows.append({"what": "a task registered while serving: registration to first answer",
+        rows.append({"what": f"serve, {label}: a task registered while serving, registration to first answer",
                      "seconds": time.perf_counter() - registered, "status": answered.status_code})  # fmt: skip
         engine.dispose()
     finally:
@@ -321,6 +336,4 @@ def bench_serve(
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
-    for row in rows:
-        print(json.dumps(row), flush=True)
     return rows

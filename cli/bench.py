@@ -243,6 +243,10 @@ def serve(
     clients: Annotated[int, typer.Option("--clients", min=1, help="concurrent clients over loopback")] = 64,
     seconds: Annotated[float, typer.Option("--seconds", min=1, help="length of each load phase")] = 12,
     processes: Annotated[int, typer.Option("--processes", min=1, help="client processes")] = 8,
+    http_workers: Annotated[
+        list[int] | None,
+        typer.Option("--http-workers", min=1, help="the server's --http-workers; repeat to compare (default 1 and 8)"),
+    ] = None,
     precision: Precision = "bf16",
     workdir: Workdir = Path("bench-serve"),
     out: Out = None,
@@ -252,4 +256,5 @@ def serve(
     with _recorded(out) as rows:
         from ssf_tasks_bench.serving import bench_serve
 
-        rows += bench_serve(workdir, model, tasks, batch, precision, clients, seconds, processes)
+        workers = tuple(http_workers or (1, 8))
+        rows += bench_serve(workdir, model, tasks, batch, precision, clients, seconds, processes, http_workers=workers)

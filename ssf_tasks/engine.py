@@ -51,6 +51,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "Prepared",
+    "TaskCatalog",
     "evaluate_task",
     "folder_items",
     "load_tasks",
@@ -235,6 +236,31 @@ class Prepared:
     task: str
     group: tuple
     image: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TaskCatalog:
+    """What a process that only decodes needs to know of the served tasks: their records, and per task the input
+    stage (resize and crop) and size its images take. Picklable, so HTTP worker processes can hold a copy."""
+
+    records: dict[str, TaskRecord]
+    group_of: dict[str, tuple]
+    stages: dict[tuple, tuple[InputStage, tuple[int, int]]]
+    epoch: int
+
+    def prepare(self, image: ImageSource, task: str, name: str | None = None) -> Prepared:
+        """Decode and resize one image for ``task`` in the calling thread.
+
+        Raises:
+            TaskNotFoundError: the task is not served.
+            DataError: the image cannot be read (naming it ``name``).
+        """
+        if task not in self.group_of:
+            known = ", ".join(sorted(self.records)) or "none"
+            raise TaskNotFoundError(f"unknown task '{task}'; known tasks: {known}")
+        key = self.group_of[task]
+        stage, _ = self.stages[key]
+        return Prepared(task, key, stage.to_uint8(image, name))
 
 
 @dataclass(frozen=True)
@@ -608,6 +634,12 @@ class Predictor:
                     path = _label(image, source, i + 1) if isinstance(image, bytes) else Path(image)
                     results[i] = Prediction(path=path, task=task, labels=labels, scores=scores)
         return [r for r in results if r is not None]
+
+    def catalog(self) -> TaskCatalog:
+        """The served tasks as :class:`TaskCatalog` (a new one after each change that ``refresh`` makes)."""
+        state = self._state
+        stages = {key: (group.stage, group.input_hw) for key, group in state.groups.items()}
+        return TaskCatalog(dict(state.records), dict(state.group_of), stages, state.epoch)
 
     def prepare(self, image: ImageSource, task: str, name: str | None = None) -> Prepared:
         """Decode and resize one image for ``task`` (thread-safe; a server runs it in :attr:`pool`).

@@ -39,8 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-http-workers"])
+def server(request, tmp_path_factory):
+    """The server in one process, and with two HTTP worker processes in front of the engine process."""
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
     save_file(timm.create_model("test_vit").state_dict(), root / "w.safetensors")
@@ -50,7 +51,8 @@ def server(tmp_path_factory):
     cli(url, "task", "add", "a", "--backbone", "tv", "--data", root / "data", *TRAIN)
     port = free_port()
     env = {**os.environ, "SSF_TASKS_REGISTRY": url}
-    args = ["--port", port, "--device", "cpu", "--poll-seconds", "0.2", "--max-images", "8", "--max-body-mb", "0.05"]
+    args = ["--port", port, "--device", "cpu", "--poll-seconds", "0.2", "--max-images", "8", "--max-body-mb", "0.05",
+            "--http-workers", request.param]  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-m", "ssf_tasks_cli.main", "serve", *map(str, args)],
         env=env,
@@ -70,7 +72,7 @@ def server(tmp_path_factory):
         assert time.time() < deadline, "the server did not get ready"
         time.sleep(0.2)
     images = sorted((root / "data" / "test").glob("*/*.jpg"))
-    yield {"base": base, "url": url, "root": root, "images": images, "process": process}
+    yield {"base": base, "url": url, "root": root, "images": images, "process": process, "workers": request.param}
     if process.poll() is None:
         process.kill()
 
@@ -155,6 +157,32 @@ def test_tasks_registered_or_removed_elsewhere_are_picked_up(server):
     assert (
         "ssf_batch_size_bucket" in metrics and "ssf_queue_depth" in metrics and 'ssf_images_total{task="a"}' in metrics
     )
+
+
+def children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_a_killed_http_worker_is_replaced_and_the_others_keep_answering(server):
+    if server["workers"] == 1:
+        pytest.skip("one process: no HTTP workers to kill")  # the two-worker run of this module covers it
+    base, process, images = server["base"], server["process"], server["images"]
+    workers = {pid for pid in children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
+    assert len(workers) == 2
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    body = {"inputs": [{"task": "a", "data": b64(images[0])}]}
+    deadline = time.time() + 60
+    while not (children(process.pid) - workers):  # a new worker replaces the killed one
+        assert time.time() < deadline, "the killed HTTP worker was not replaced"
+        time.sleep(0.2)
+    ok = 0
+    while ok < 10:  # the survivor answers meanwhile; the new one once it is up
+        try:
+            ok += httpx.post(f"{base}/v2/infer", json=body, timeout=30).status_code == 200
+        except httpx.TransportError:
+            assert time.time() < deadline
+    assert process.poll() is None
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(server):

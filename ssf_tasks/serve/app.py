@@ -11,6 +11,9 @@ Routes:
     ``GET /metrics``: Prometheus text format.
 
 Every bad request gets a 4xx with ``{"error": "..."}``; a full queue gets 503.
+
+The app runs over a backend: :class:`LocalBackend` (the Predictor and its batcher in this process) or, in HTTP
+worker processes, the link to the one engine process (:mod:`ssf_tasks.serve.http_workers`).
 """
 
 from __future__ import annotations
@@ -20,19 +23,24 @@ import base64
 import binascii
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..config import TaskRecord
 from ..engine import Predictor, Prepared
 from ..errors import DataError, SSFTasksError, TaskNotFoundError
 from .batcher import Batcher, QueueFullError
 
-__all__ = ["ServeConfig", "create_app"]
+__all__ = ["Backend", "LocalBackend", "Metrics", "RequestRejected", "ServeConfig", "create_app"]
 
 IMAGE_TYPES = (
     "image/jpeg",
@@ -59,8 +67,12 @@ class ServeConfig(BaseModel):
     warm_batch_sizes: tuple[int, ...] = Field((), description="batch sizes compiled and run before serving")
 
 
-class _Metrics:
-    """The server's Prometheus metrics, in a registry of their own (no process-wide state)."""
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own (no process-wide state).
+
+    With several processes (HTTP workers and the engine) ``PROMETHEUS_MULTIPROC_DIR`` is set before
+    ``prometheus_client`` is imported; every process then writes its samples there and ``/metrics`` sums them.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -81,56 +93,133 @@ class _Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=self.registry,
         )
-        self.queue_depth = Gauge("ssf_queue_depth", "Images waiting for a batch", registry=self.registry)
-        self.tasks = Gauge("ssf_tasks_served", "Tasks served", registry=self.registry)
+        self.queue_depth = Gauge(
+            "ssf_queue_depth", "Images waiting for a batch", registry=self.registry, multiprocess_mode="livesum"
+        )
+        self.tasks = Gauge("ssf_tasks_served", "Tasks served", registry=self.registry, multiprocess_mode="livemax")
+
+    def observe_batch(self, size: int, waiting: int) -> None:
+        self.batch_size.observe(size)
+        self.queue_depth.set(waiting)
+
+    def exposition(self) -> bytes:
+        """The text format of every process's samples."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
 
 
-class _Reject(Exception):
+class Backend(Protocol):
+    """What the app asks of the engine: the served tasks, decoding, batched answers."""
+
+    pool: Executor
+    """Where ``prepare`` runs."""
+
+    @property
+    def task_names(self) -> list[str]: ...
+
+    def record(self, task: str) -> TaskRecord: ...
+
+    def prepare(self, image: bytes, task: str, name: str) -> Prepared: ...
+
+    async def submit(self, items: Sequence[Prepared], top_k: int) -> list: ...
+
+    @property
+    def depth(self) -> int | None: ...
+
+    async def start(self, metrics: Metrics) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class LocalBackend:
+    """The engine in this process: the Predictor, its batching thread, and the registry polled for changes."""
+
+    def __init__(self, predictor: Predictor, config: ServeConfig) -> None:
+        self.predictor = predictor
+        self.config = config
+        self.pool = predictor.pool
+        self.batcher: Batcher | None = None
+        self._poller: asyncio.Task | None = None
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.predictor.task_names
+
+    def record(self, task: str) -> TaskRecord:
+        return self.predictor.record(task)
+
+    def prepare(self, image: bytes, task: str, name: str) -> Prepared:
+        return self.predictor.prepare(image, task, name=name)
+
+    async def submit(self, items: Sequence[Prepared], top_k: int) -> list:
+        if self.batcher is None:
+            raise RequestRejected(503, "the server is not ready")
+        return await self.batcher.submit(items, top_k)
+
+    @property
+    def depth(self) -> int | None:
+        return None if self.batcher is None else self.batcher.depth
+
+    async def start(self, metrics: Metrics) -> None:
+        loop = asyncio.get_running_loop()
+        if self.config.warm_batch_sizes:
+            await loop.run_in_executor(None, self.predictor.warm_up, self.config.warm_batch_sizes)
+        self.batcher = Batcher(
+            self.predictor,
+            max_batch_size=self.config.max_batch_size,
+            max_delay=self.config.max_delay_ms / 1000,
+            max_queue=self.config.max_queue,
+            on_batch=metrics.observe_batch,
+        )
+        self._poller = asyncio.create_task(self._poll(metrics))
+
+    async def _poll(self, metrics: Metrics) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.poll_seconds)
+            with contextlib.suppress(SSFTasksError):  # a registry briefly unreadable: try again next time
+                await loop.run_in_executor(None, self.predictor.refresh)
+            metrics.tasks.set(len(self.predictor.task_names))
+
+    async def stop(self) -> None:
+        """Answer what is queued, then stop batching and decoding."""
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.batcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+        self.predictor.close()
+
+
+class RequestRejected(Exception):
+    """A request answered with ``status`` and ``{"error": message}``."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
 
 
-def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastAPI:
-    """The app over ``predictor`` (loaded); it starts batching and polling the registry when it starts."""
+def create_app(backend: Backend | Predictor, config: ServeConfig | None = None) -> FastAPI:
+    """The app over ``backend`` (a loaded Predictor is served in this process); it starts batching and polling the
+    registry when it starts."""
     config = config or ServeConfig()
-    metrics = _Metrics()
-    state: dict = {"ready": False, "batcher": None}
-
-    def on_batch(size: int, waiting: int) -> None:
-        metrics.batch_size.observe(size)
-        metrics.queue_depth.set(waiting)
-
-    async def poll_registry() -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(config.poll_seconds)
-            with contextlib.suppress(SSFTasksError):  # a registry briefly unreadable: try again next time
-                await loop.run_in_executor(None, predictor.refresh)
-            metrics.tasks.set(len(predictor.task_names))
+    if isinstance(backend, Predictor):
+        backend = LocalBackend(backend, config)
+    metrics = Metrics()
+    state: dict = {"ready": False}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        if config.warm_batch_sizes:
-            await loop.run_in_executor(None, predictor.warm_up, config.warm_batch_sizes)
-        state["batcher"] = Batcher(
-            predictor,
-            max_batch_size=config.max_batch_size,
-            max_delay=config.max_delay_ms / 1000,
-            max_queue=config.max_queue,
-            on_batch=on_batch,
-        )
-        metrics.tasks.set(len(predictor.task_names))
-        poller = asyncio.create_task(poll_registry())
+        await backend.start(metrics)
+        metrics.tasks.set(len(backend.task_names))
         state["ready"] = True
         try:
             yield
         finally:  # uvicorn has finished the requests in flight; answer what is queued, then stop
             state["ready"] = False
-            poller.cancel()
-            await loop.run_in_executor(None, state["batcher"].close)
-            predictor.close()
+            await backend.stop()
 
     app = FastAPI(title="ssf-tasks", lifespan=lifespan)
 
@@ -145,16 +234,16 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     async def ready() -> Response:
         if not state["ready"]:
             return error(503, "not ready")
-        return JSONResponse({"ready": True, "tasks": len(predictor.task_names)})
+        return JSONResponse({"ready": True, "tasks": len(backend.task_names)})
 
     @app.get("/v2/models")
     async def models() -> dict:
-        return {"models": [{"name": n, "version": str(predictor.record(n).version)} for n in predictor.task_names]}
+        return {"models": [{"name": n, "version": str(backend.record(n).version)} for n in backend.task_names]}
 
     @app.get("/v2/models/{task}")
     async def model_metadata(task: str) -> Response:
         try:
-            record = predictor.record(task)
+            record = backend.record(task)
         except TaskNotFoundError as e:
             return error(404, str(e))
         return JSONResponse(
@@ -171,85 +260,84 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
 
     @app.get("/v2/models/{task}/ready")
     async def model_ready(task: str) -> Response:
-        if task not in predictor.task_names:
+        if task not in backend.task_names:
             return error(404, f"task '{task}' is not served")
         return JSONResponse({"name": task, "ready": True})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        batcher = state["batcher"]
-        if batcher is not None:
-            metrics.queue_depth.set(batcher.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        depth = backend.depth
+        if depth is not None:
+            metrics.queue_depth.set(depth)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
-            raise _Reject(413, f"request body of {declared} bytes is over the limit of {config.max_body_bytes}")
+            raise RequestRejected(413, f"request body of {declared} bytes is over the limit of {config.max_body_bytes}")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > config.max_body_bytes:
-                raise _Reject(413, f"request body is over the limit of {config.max_body_bytes} bytes")
+                raise RequestRejected(413, f"request body is over the limit of {config.max_body_bytes} bytes")
         if not body:
-            raise _Reject(400, "empty request body")
+            raise RequestRejected(400, "empty request body")
         return bytes(body)
 
     def parse_json(body: bytes) -> dict:
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _Reject(400, f"invalid JSON: {e}") from e
+            raise RequestRejected(400, f"invalid JSON: {e}") from e
         if not isinstance(payload, dict):
-            raise _Reject(400, "the JSON body must be an object")
+            raise RequestRejected(400, "the JSON body must be an object")
         return payload
 
     def decode_base64(value: object, where: str) -> bytes:
         if not isinstance(value, str):
-            raise _Reject(400, f"{where}: expected a base64 string")
+            raise RequestRejected(400, f"{where}: expected a base64 string")
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as e:
-            raise _Reject(400, f"{where}: invalid base64: {e}") from e
+            raise RequestRejected(400, f"{where}: invalid base64: {e}") from e
 
     def read_top_k(value: object) -> int:
         if value is None:
             return 1
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise _Reject(400, f"top_k must be a positive integer, got {value!r}")
+            raise RequestRejected(400, f"top_k must be a positive integer, got {value!r}")
         return value
 
     def check_count(count: int) -> None:
         if count == 0:
-            raise _Reject(400, "no images in the request")
+            raise RequestRejected(400, "no images in the request")
         if count > config.max_images:
-            raise _Reject(413, f"{count} images in one request; at most {config.max_images}")
+            raise RequestRejected(413, f"{count} images in one request; at most {config.max_images}")
 
     async def answer(pairs: Sequence[tuple[bytes, str]], top_k: int) -> list[dict]:
         loop = asyncio.get_running_loop()
 
         def prepare(i: int, image: bytes, task: str) -> Prepared:
-            return predictor.prepare(image, task, name=f"image {i}")
+            return backend.prepare(image, task, f"image {i}")
 
         try:
             prepared = await asyncio.gather(
-                *(loop.run_in_executor(predictor.pool, prepare, i, b, t) for i, (b, t) in enumerate(pairs))
+                *(loop.run_in_executor(backend.pool, prepare, i, b, t) for i, (b, t) in enumerate(pairs))
             )
         except TaskNotFoundError as e:
-            raise _Reject(404, str(e)) from e
+            raise RequestRejected(404, str(e)) from e
         except DataError as e:
-            raise _Reject(400, str(e)) from e
-        batcher = state["batcher"]
-        if batcher is None or not state["ready"]:
-            raise _Reject(503, "the server is not ready")
+            raise RequestRejected(400, str(e)) from e
+        if not state["ready"]:
+            raise RequestRejected(503, "the server is not ready")
         try:
-            results = await batcher.submit(prepared, top_k)
+            results = await backend.submit(prepared, top_k)
         except QueueFullError as e:
-            raise _Reject(503, f"too busy: {e}") from e
+            raise RequestRejected(503, f"too busy: {e}") from e
         outputs = []
         for (_, task), result in zip(pairs, results, strict=True):
             if isinstance(result, str):
-                raise _Reject(409, result)
+                raise RequestRejected(409, result)
             labels, scores = result
             outputs.append({"task": task, "label": labels[0], "score": scores[0], "labels": labels, "scores": scores})
             metrics.images.labels(task).inc()
@@ -259,7 +347,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         started = time.perf_counter()
         try:
             response = JSONResponse(await work())
-        except _Reject as e:
+        except RequestRejected as e:
             response = error(e.status, str(e))
         metrics.requests.labels(task_label, str(response.status_code)).inc()
         metrics.latency.labels(task_label).observe(time.perf_counter() - started)
@@ -268,8 +356,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     @app.post("/v2/models/{task}/infer")
     async def infer(task: str, request: Request) -> Response:
         async def work() -> dict:
-            if task not in predictor.task_names:
-                raise _Reject(404, f"unknown task '{task}'; known tasks: {', '.join(predictor.task_names) or 'none'}")
+            if task not in backend.task_names:
+                raise RequestRejected(
+                    404, f"unknown task '{task}'; known tasks: {', '.join(backend.task_names) or 'none'}"
+                )
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             body = await read_body(request)
             top_k = 1
@@ -281,37 +371,43 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                 payload = parse_json(body)
                 inputs = payload.get("inputs")
                 if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-                    raise _Reject(400, "'inputs' must be a list of one tensor: {name, datatype: BYTES, shape, data}")
+                    raise RequestRejected(
+                        400, "'inputs' must be a list of one tensor: {name, datatype: BYTES, shape, data}"
+                    )
                 data = inputs[0].get("data")
                 if not isinstance(data, list):
-                    raise _Reject(400, "inputs[0].data must be a list of base64 strings")
+                    raise RequestRejected(400, "inputs[0].data must be a list of base64 strings")
                 check_count(len(data))
                 images = [decode_base64(v, f"inputs[0].data[{i}]") for i, v in enumerate(data)]
                 parameters = payload.get("parameters") or {}
                 top_k = read_top_k(parameters.get("top_k") if isinstance(parameters, dict) else None)
             else:
-                raise _Reject(415, f"unsupported content type '{content_type}': send an image or application/json")
+                raise RequestRejected(
+                    415, f"unsupported content type '{content_type}': send an image or application/json"
+                )
             check_count(len(images))
             outputs = await answer([(b, task) for b in images], top_k)
-            return {"model_name": task, "model_version": str(predictor.record(task).version), "outputs": outputs}
+            return {"model_name": task, "model_version": str(backend.record(task).version), "outputs": outputs}
 
-        return await handle(request, task if task in predictor.task_names else "unknown", work)
+        return await handle(request, task if task in backend.task_names else "unknown", work)
 
     @app.post("/v2/infer")
     async def infer_mixed(request: Request) -> Response:
         async def work() -> dict:
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/json":
-                raise _Reject(415, f"unsupported content type '{content_type}': send application/json")
+                raise RequestRejected(415, f"unsupported content type '{content_type}': send application/json")
             payload = parse_json(await read_body(request))
             inputs = payload.get("inputs")
             if not isinstance(inputs, list):
-                raise _Reject(400, "'inputs' must be a list of {task, data} objects")
+                raise RequestRejected(400, "'inputs' must be a list of {task, data} objects")
             check_count(len(inputs))
             pairs = []
             for i, entry in enumerate(inputs):
                 if not isinstance(entry, dict) or not isinstance(entry.get("task"), str):
-                    raise _Reject(400, f"inputs[{i}] must be an object with a 'task' string and 'data' in base64")
+                    raise RequestRejected(
+                        400, f"inputs[{i}] must be an object with a 'task' string and 'data' in base64"
+                    )
                 pairs.append((decode_base64(entry.get("data"), f"inputs[{i}].data"), entry["task"]))
             return {"outputs": await answer(pairs, read_top_k(payload.get("top_k")))}
 

@@ -27,8 +27,7 @@ class QueueFullError(Exception):
 class _Waiting:
     items: Sequence[Prepared]
     top_k: int
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    deliver: Callable[[list | BaseException], None]  # called on the batching thread with the answer or the error
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -70,14 +69,28 @@ class Batcher:
 
     async def submit(self, items: Sequence[Prepared], top_k: int) -> list:
         """Queue prepared images; returns ``Predictor.run_prepared``'s answer for them once their batch ran."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def deliver(answer: list | BaseException) -> None:
+            loop.call_soon_threadsafe(_resolve, future, answer)
+
+        self.submit_with(items, top_k, deliver)
+        return await future
+
+    def submit_with(
+        self, items: Sequence[Prepared], top_k: int, deliver: Callable[[list | BaseException], None]
+    ) -> None:
+        """Queue prepared images; ``deliver`` gets the answer (or the exception) on the batching thread.
+
+        Raises:
+            QueueFullError: more images would wait than ``max_queue``.
+        """
         with self._count_lock:
             if self._waiting_images + len(items) > self.max_queue:
                 raise QueueFullError(f"{self._waiting_images} images are waiting (at most {self.max_queue})")
             self._waiting_images += len(items)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put(_Waiting(items, top_k, loop, future))
-        return await future
+        self._queue.put(_Waiting(items, top_k, deliver))
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread."""
@@ -120,7 +133,7 @@ class Batcher:
             results = self.predictor.run_prepared(items, top_k)
         except Exception as error:  # answered to every waiting request, never lost in this thread
             for waiting in batch:
-                waiting.loop.call_soon_threadsafe(_set_exception, waiting.future, error)
+                waiting.deliver(error)
             return
         if self.on_batch is not None:
             self.on_batch(size, self._waiting_images)
@@ -129,14 +142,13 @@ class Batcher:
             part = results[start : start + len(waiting.items)]
             start += len(waiting.items)
             trimmed = [r if isinstance(r, str) else (r[0][: waiting.top_k], r[1][: waiting.top_k]) for r in part]
-            waiting.loop.call_soon_threadsafe(_set_result, waiting.future, trimmed)
+            waiting.deliver(trimmed)
 
 
-def _set_result(future: asyncio.Future, value: object) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
+def _resolve(future: asyncio.Future, answer: list | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(answer, BaseException):
+        future.set_exception(answer)
+    else:
+        future.set_result(answer)
