@@ -26,7 +26,7 @@ from ssf_tasks.errors import SSFTasksError
 
 from . import backbone, task
 from .serve import serve
-from .state import AppState, DecodeMode, DecodeThreads, engine_of, stdout
+from .state import AppState, DecodeMode, DecodeThreads, engine_of, stderr, stdout
 
 __all__ = ["app", "main"]
 
@@ -189,6 +189,11 @@ def predict_command(
         predictor.close()
     write_predictions(predictions, out, top_k=top_k)
     tasks = sorted({p.task for p in predictions})
+    timing = predictor.last_timing
+    stderr.print(
+        f"loaded {len(predictor.task_names)} tasks in {predictor.load_seconds:.1f} s; first batch answered after "
+        f"{timing['first_batch_s']:.1f} s; {len(predictions)} images in {timing['total_s']:.1f} s"
+    )
     stdout.print(f"wrote {len(predictions)} predictions ({', '.join(tasks)}) to {out}")
 
 

@@ -19,6 +19,7 @@ import copy
 import itertools
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -312,6 +313,10 @@ class Predictor:
         self.precision = precision
         self.compile = compile
         self.warm_batch_sizes: tuple[int, ...] = ()
+        self.last_timing: dict[str, float] = {}
+        """Seconds of the last ``predict`` call: to its first batch's answers (decode, and compile where it
+        compiles) and in all."""
+        started = time.perf_counter()
         if decode not in get_args(DecodeMode):
             raise DataError(f"decode must be one of {', '.join(get_args(DecodeMode))}, got '{decode}'", field="decode")
         workers = threads or decode_threads()
@@ -334,6 +339,8 @@ class Predictor:
             with Session(engine) as s:
                 names = [r.name for r in registry.list_tasks(s)]
         self._state = self._build(list(names), set())
+        self.load_seconds = time.perf_counter() - started
+        """Seconds this Predictor took to start: decoders, registry reads, backbones and task tables."""
 
     # ------------------------------------------------------------------------------------- tasks
     @property
@@ -612,6 +619,7 @@ class Predictor:
         for i, (_, task) in enumerate(items):
             by_group.setdefault(state.group_of[task], []).append(i)
         results: list[Prediction | None] = [None] * len(items)
+        started, first = time.perf_counter(), None
         for key, indices in by_group.items():
             group = state.groups[key]
             batches = -(-len(indices) // batch_size)
@@ -633,6 +641,8 @@ class Predictor:
                     image = items[i][0]
                     path = _label(image, source, i + 1) if isinstance(image, bytes) else Path(image)
                     results[i] = Prediction(path=path, task=task, labels=labels, scores=scores)
+                first = first or time.perf_counter() - started
+        self.last_timing = {"first_batch_s": first or 0.0, "total_s": time.perf_counter() - started}
         return [r for r in results if r is not None]
 
     def catalog(self) -> TaskCatalog:

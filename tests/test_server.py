@@ -163,9 +163,8 @@ def children(pid: int) -> set[int]:
     return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
 
+@pytest.mark.parametrize("server", [2], ids=["two-http-workers"], indirect=True)
 def test_a_killed_http_worker_is_replaced_and_the_others_keep_answering(server):
-    if server["workers"] == 1:
-        pytest.skip("one process: no HTTP workers to kill")  # the two-worker run of this module covers it
     base, process, images = server["base"], server["process"], server["images"]
     workers = {pid for pid in children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
     assert len(workers) == 2
