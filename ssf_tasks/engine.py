@@ -72,7 +72,7 @@ DecodeMode = Literal["auto", "threads", "processes"]
 PROCESS_DECODE_MIN_WORKERS = 4
 
 MIN_SPARE_ROWS = 16
-"""Spare task rows a model keeps at least (as many as its tasks beyond that): tasks registered while serving
+"""Spare task rows a model keeps at least (a quarter of its tasks beyond that): tasks registered while serving
 take one each, with no new compiled graph."""
 MIN_HEAD_WIDTH = 16
 """Head columns a model keeps at least (rounded up to a power of two above that), so that new tasks of up to
@@ -423,7 +423,7 @@ class Predictor:
         model.widen_heads(1 << (width - 1).bit_length())
         tasks = sum(not n.startswith("#") for n in model.task_names)
         spares = sum(n.startswith(_SPARE) for n in model.task_names)
-        wanted = max(MIN_SPARE_ROWS, tasks) - spares
+        wanted = max(MIN_SPARE_ROWS, tasks // 4) - spares
         if wanted > 0:
             model.add_tasks({f"{_SPARE}{next(self._row_names)}": 1 for _ in range(wanted)})
 
