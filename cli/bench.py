@@ -6,7 +6,8 @@ compiled time), after one row naming the card and the versions; ``--out`` also w
 ``bench kernel NAME`` runs a kernel micro-benchmark (``ssf_tasks_bench.kernels``). The numbers are in BENCHMARKS.md.
 
 torch, timm and the benchmarks are imported inside the commands, so that ``ssf-tasks --help`` stays fast; every
-command first checks that torch sees a CUDA device (``_require_cuda``), which is a one-line error otherwise.
+timing command first checks that torch sees a CUDA device (``_require_cuda``), which is a one-line error otherwise.
+``bench accuracy`` measures top-1, not time, and runs on the CPU too (``ssf_tasks_bench.accuracy``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import typer
 
@@ -25,7 +26,8 @@ from ssf_tasks.errors import SSFTasksError
 __all__ = ["app"]
 
 app = typer.Typer(
-    help="GPU benchmarks: mixed-task inference, task scale, training step, folded model, kernels (see BENCHMARKS.md).",
+    help="Benchmarks: mixed-task inference, task scale, training step, folded model, kernels (GPU); accuracy of SSF "
+    "against the baselines (CPU or GPU). See BENCHMARKS.md.",
     no_args_is_help=True,
 )
 
@@ -258,3 +260,132 @@ def serve(
 
         workers = tuple(http_workers or (1, 8))
         rows += bench_serve(workdir, model, tasks, batch, precision, clients, seconds, processes, http_workers=workers)
+
+
+Method = Literal["linear", "bitfit", "full", "lora", "ssf"]
+
+
+def _grids(values: list[str]) -> dict[str, tuple[float, ...]]:
+    """``--grid METHOD=V1,V2,...`` options as a dict of grids."""
+    grids: dict[str, tuple[float, ...]] = {}
+    for value in values:
+        method, _, numbers = value.partition("=")
+        try:
+            grid = tuple(float(v) for v in numbers.split(","))
+        except ValueError:
+            grid = ()
+        if method not in get_args(Method) or not grid or any(v <= 0 for v in grid):
+            raise typer.BadParameter(
+                f"{value!r}: expected METHOD=V1,V2,... with METHOD one of {', '.join(get_args(Method))} and "
+                "positive values",
+                param_hint="--grid",
+            )
+        grids[method] = grid
+    return grids
+
+
+@app.command()
+def accuracy(
+    ctx: typer.Context,
+    data: Annotated[
+        list[Path],
+        typer.Option("--data", metavar="DIR", help="ImageFolder tree with train/, val/, test/ (repeat the option)"),
+    ],
+    backbone: Annotated[str | None, typer.Option("--backbone", help="a backbone of the registry")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="a timm model instead of --backbone (with --weights)")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="weights of --model: a file, package:NAME or hub[:TAG]")
+    ] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            metavar="METHOD",
+            help="linear, bitfit, full, lora or ssf (repeat the option) [default: all five]",
+        ),
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="final runs per method: mean ± std")] = 3,
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            "--grid",
+            metavar="METHOD=V1,V2,...",
+            help="a method's grid: learning rates, or L2 strengths for linear (repeat the option)",
+        ),
+    ] = [],  # noqa: B006
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 1e-4,
+    warmup_epochs: Annotated[int, typer.Option("--warmup-epochs", min=0)] = 1,
+    protocol: Annotated[Literal["vtab", "fgvc"], typer.Option("--protocol")] = "vtab",
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", min=8, help="square input side (default: the backbone's)")
+    ] = None,
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device")] = "auto",
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 0,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", file_okay=False, help="keep the SSF runs' registry here (default: a temporary one)"),
+    ] = None,
+    out: Out = None,
+) -> None:
+    """Top-1 of linear probe, BitFit, full fine-tuning, LoRA and SSF (as task add trains it) on each dataset.
+
+    Each method's learning rate (L2 strength for the linear probe) is chosen on val/ from a small grid; the method is
+    then trained on train/ + val/ once per seed and scored on test/. Runs on the CPU too (--device cpu). The table
+    goes to stdout in markdown, progress to stderr.
+    """
+    if (backbone is None) == (model is None):
+        raise typer.BadParameter("give either --backbone or --model (with --weights)", param_hint="--backbone")
+    if weights is not None and model is None:
+        raise typer.BadParameter("--weights goes with --model", param_hint="--weights")
+    for method in methods or ():
+        if method not in get_args(Method):
+            raise typer.BadParameter(
+                f"unknown method {method!r} (use {', '.join(get_args(Method))})", param_hint="--method"
+            )
+    grids = _grids(grid)
+    from ssf_tasks.config import TrainConfig
+    from ssf_tasks.train import resolve_device
+    from ssf_tasks_bench import common
+    from ssf_tasks_bench.accuracy import METHODS, backbone_record, bench_accuracy, markdown_table
+
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        transform=protocol,
+        input_size=input_size,
+        device=device,
+        num_workers=num_workers,
+    )
+    resolve_device(device)  # asking for CUDA without one fails here, before any work
+    if backbone is not None:
+        from sqlalchemy.orm import Session
+
+        from ssf_tasks import registry
+
+        from .state import engine_of
+
+        with Session(engine_of(ctx)) as s:
+            record = registry.get_backbone(s, backbone)
+    else:
+        assert model is not None
+        record = backbone_record(model, weights)
+    started = time.time()
+    env = {**common.environment(), "backbone": record.model_dump(mode="json"), "config": config.model_dump()}
+    rows = bench_accuracy(
+        [str(d) for d in data],
+        record,
+        config,
+        methods=tuple(methods or METHODS),
+        seeds=seeds,
+        grids=grids,
+        workdir=workdir,
+    )
+    typer.echo(markdown_table(rows))
+    if out is not None:
+        common.write_rows(out, env, started, rows)
