@@ -8,11 +8,16 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import timm
 import torch
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
@@ -158,6 +163,29 @@ def postgres_admin() -> Iterator[object]:
     engine.dispose()
 
 
+@contextmanager
+def postgres_database(admin: Engine, *, template: str = "template0") -> Iterator[str]:
+    """A new PostgreSQL database on the server of ``admin`` (see ``postgres_admin``), a copy of ``template``,
+    dropped on exit; yields its URL.
+
+    A test that needs a registry in some state builds it once in one database and copies it per test with
+    ``template=<its name>``: a copy holds the same rows, ids and sequence positions. A template must have no
+    open connection while it is copied.
+    """
+    from sqlalchemy import text
+
+    name = f"ssf_test_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        # template0 is never connected to, so creating from it cannot fail on a busy template1.
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            # FORCE: a worker process a failed test left behind must not keep the database alive.
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of a new, empty registry database: an SQLite file under tmp_path, or a PostgreSQL database created
@@ -165,16 +193,5 @@ def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'home' / 'registry.db'}"
         return
-    from sqlalchemy import text
-
-    admin = request.getfixturevalue("postgres_admin")
-    name = f"ssf_test_{os.getpid()}_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        # template0 is never connected to, so creating from it cannot fail on a busy template1.
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            # FORCE: a worker process a failed test left behind must not keep the database alive.
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with postgres_database(request.getfixturevalue("postgres_admin")) as url:
+        yield url
