@@ -103,6 +103,11 @@ class TrainConfig(BaseModel):
     patience: int | None = Field(default=None, ge=1, description="Epochs without improvement before stopping.")
     num_workers: int = Field(default=0, ge=0)
     sigma: float = Field(default=0.02, ge=0, description="Init std of γ (around 1) and β (around 0).")
+    head_init: Literal["probe", "random"] = Field(
+        default="probe",
+        description="Start the head as a linear probe fitted on the frozen features (its L2 weight chosen on val), "
+        "or at random.",
+    )
 
 
 class BackboneRecord(BaseModel):

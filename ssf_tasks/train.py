@@ -4,6 +4,10 @@ The loop is deliberately plain: AdamW over the task's rows only (``MultiTaskSSF.
 warmup then cosine decay per step (timm's scheduler), bf16 autocast on GPU, evaluation on val every epoch
 keeping the best epoch's state, optional early stop. A non-finite loss or Ctrl-C stops training with a
 clear error and leaves the model exactly as it was before the run.
+
+By default the head starts as a linear probe of the frozen features (:func:`fit_probe_head`), and that starting
+point is scored on val as epoch 0: γ/β training starts from the probe's answers rather than from a random head,
+and a run never keeps a state that scores below the probe on val.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .config import TrainConfig
 from .errors import TrainingError, TrainingInterrupted
 from .model import MultiTaskSSF
 
-__all__ = ["TrainProgress", "TrainResult", "evaluate", "resolve_device", "train_task"]
+__all__ = ["TrainProgress", "TrainResult", "evaluate", "fit_probe_head", "resolve_device", "train_task"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,73 @@ def evaluate(
     return correct / max(total, 1)
 
 
+PROBE_L2 = (1e-3, 1e-2, 1e-1)
+"""L2 weights tried for the probe head; the best on val wins (the middle one without val)."""
+
+
+@torch.no_grad()
+def _features(model: MultiTaskSSF, name: str, dataset: Dataset, config: TrainConfig, device: torch.device):
+    model.eval()
+    features, labels = [], []
+    for images, y in _loader(dataset, config, shuffle=False):
+        with _autocast(device, config.amp):
+            features.append(model.forward_features(images.to(device), name).float())
+        labels.append(y.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor, k: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight [k, D], bias [k])`` minimising cross-entropy + ``l2 * |weight|²`` by full-batch L-BFGS."""
+    weight = torch.zeros(k, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(k, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.t() + bias, y) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def fit_probe_head(
+    model: MultiTaskSSF,
+    name: str,
+    train_set: Dataset,
+    config: TrainConfig,
+    *,
+    val_set: Dataset | None = None,
+    device: torch.device | None = None,
+) -> float | None:
+    """Set task ``name``'s head to a multinomial logistic regression on the features its γ/β give now.
+
+    Full-batch L-BFGS on cross-entropy plus an L2 penalty; with a val set each of :data:`PROBE_L2` is fitted and
+    the best on val kept. Returns the chosen probe's val top-1 (``None`` without val, or when the features are not
+    finite and the head is left as it was).
+    """
+    device = device or resolve_device(config.device)
+    x, y = _features(model, name, train_set, config, device)
+    if not bool(torch.isfinite(x).all()):
+        return None  # the head stays as it is; the training loop stops at the non-finite loss with its message
+    val = _features(model, name, val_set, config, device) if val_set is not None and len(val_set) else None
+    k = model.num_classes(name)
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for l2 in PROBE_L2 if val is not None else PROBE_L2[1:2]:
+        weight, bias = _logistic_regression(x, y, k, l2)
+        score = float(((val[0] @ weight.t() + bias).argmax(1) == val[1]).float().mean()) if val is not None else 0.0
+        if best is None or score > best[0]:
+            best = (score, weight, bias)
+    assert best is not None
+    t = model.task_index(name)
+    with torch.no_grad():
+        model.head_weight[t, :k] = best[1].to(model.head_weight)
+        model.head_bias[t, :k] = best[2].to(model.head_bias)
+    return best[0] if val is not None else None
+
+
 def train_task(
     model: MultiTaskSSF,
     name: str,
@@ -142,7 +213,13 @@ def train_task(
 
     stale_epochs = 0
     epoch = 0
+    saved = model.task_state_dict(name)  # restored if the run fails or is interrupted
     try:
+        if config.head_init == "probe":
+            probe_val = fit_probe_head(model, name, train_set, config, val_set=val_set, device=device)
+            if probe_val is not None:
+                best = (probe_val, 0, model.task_state_dict(name))
+                history.append({"epoch": 0.0, "val_top1": probe_val})
         with model.isolate_tasks([name]) as params:
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
             scheduler = CosineLRScheduler(
@@ -169,7 +246,8 @@ def train_task(
                         )
                 history.append(record)
                 epoch_score = record.get("val_top1", float(epoch))  # without val, the last epoch is the best
-                if best is None or epoch_score > best[0]:
+                # A trained state that ties the probe on val is kept: val is small, and training saw more.
+                if best is None or epoch_score > best[0] or (best[1] == 0 and epoch_score >= best[0]):
                     best, stale_epochs = (epoch_score, epoch, model.task_state_dict(name)), 0
                 else:
                     stale_epochs += 1
@@ -177,11 +255,16 @@ def train_task(
                         break
             model.update_task(name, best[2])
     except KeyboardInterrupt:
+        model.update_task(name, saved)
         raise TrainingInterrupted(f"training of {name!r} interrupted at epoch {epoch}; nothing was changed") from None
+    except BaseException:
+        model.update_task(name, saved)
+        raise
     model.eval()
     val_top1 = next((h["val_top1"] for h in history if h["epoch"] == best[1] and "val_top1" in h), None)
     test_top1 = score(test_set) if test_set is not None and len(test_set) > 0 else None
-    return TrainResult(best[1], len(history), val_top1, test_top1, time.perf_counter() - started, history)
+    epochs_run = sum(h["epoch"] > 0 for h in history)
+    return TrainResult(best[1], epochs_run, val_top1, test_top1, time.perf_counter() - started, history)
 
 
 def _train_epoch(model, name, loader, optimizer, scheduler, config, device, epoch, step, total_steps, progress):
