@@ -247,7 +247,6 @@ class TaskCatalog:
     records: dict[str, TaskRecord]
     group_of: dict[str, tuple]
     stages: dict[tuple, tuple[InputStage, tuple[int, int]]]
-    epoch: int
 
     def prepare(self, image: ImageSource, task: str, name: str | None = None) -> Prepared:
         """Decode and resize one image for ``task`` in the calling thread.
@@ -421,7 +420,7 @@ class Predictor:
         """Give ``model`` its spare rows and head columns (see :data:`MIN_SPARE_ROWS`, :data:`MIN_HEAD_WIDTH`)."""
         width = max(MIN_HEAD_WIDTH, model.max_classes)
         model.widen_heads(1 << (width - 1).bit_length())
-        tasks = sum(not n.startswith("#") for n in model.task_names)
+        tasks = sum(not n.startswith((_SPARE, _RETIRED)) for n in model.task_names)
         spares = sum(n.startswith(_SPARE) for n in model.task_names)
         wanted = max(MIN_SPARE_ROWS, tasks // 4) - spares
         if wanted > 0:
@@ -649,7 +648,7 @@ class Predictor:
         """The served tasks as :class:`TaskCatalog` (a new one after each change that ``refresh`` makes)."""
         state = self._state
         stages = {key: (group.stage, group.input_hw) for key, group in state.groups.items()}
-        return TaskCatalog(dict(state.records), dict(state.group_of), stages, state.epoch)
+        return TaskCatalog(dict(state.records), dict(state.group_of), stages)
 
     def prepare(self, image: ImageSource, task: str, name: str | None = None) -> Prepared:
         """Decode and resize one image for ``task`` (thread-safe; a server runs it in :attr:`pool`).

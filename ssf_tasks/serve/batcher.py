@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..engine import Predictor, Prepared
 
-__all__ = ["Batcher", "QueueFullError"]
+__all__ = ["Batcher", "QueueFullError", "resolve_future"]
 
 
 class QueueFullError(Exception):
@@ -73,7 +73,7 @@ class Batcher:
         future = loop.create_future()
 
         def deliver(answer: list | BaseException) -> None:
-            loop.call_soon_threadsafe(_resolve, future, answer)
+            loop.call_soon_threadsafe(resolve_future, future, answer)
 
         self.submit_with(items, top_k, deliver)
         return await future
@@ -145,7 +145,8 @@ class Batcher:
             waiting.deliver(trimmed)
 
 
-def _resolve(future: asyncio.Future, answer: list | BaseException) -> None:
+def resolve_future(future: asyncio.Future, answer: object) -> None:
+    """Complete ``future`` (on its loop's thread) with ``answer``, or fail it when ``answer`` is an exception."""
     if future.done():
         return
     if isinstance(answer, BaseException):

@@ -34,7 +34,7 @@ from ..config import TaskRecord
 from ..engine import Predictor, Prepared, TaskCatalog
 from ..errors import SSFTasksError, TaskNotFoundError
 from .app import Metrics, RequestRejected, ServeConfig, create_app
-from .batcher import Batcher, QueueFullError
+from .batcher import Batcher, QueueFullError, resolve_future
 
 __all__ = ["EngineLink", "serve_with_workers"]
 
@@ -260,20 +260,11 @@ class EngineLink:
             if loop is None:
                 continue
             answer = message[2] if message[0] == "answer" else RequestRejected(message[2], message[3])
-            loop.call_soon_threadsafe(_resolve, future, answer)
+            loop.call_soon_threadsafe(resolve_future, future, answer)
         for loop, future in list(self._pending.values()):  # the engine is gone: fail what waits, then stop
-            loop.call_soon_threadsafe(_resolve, future, RequestRejected(503, "the engine process stopped"))
+            loop.call_soon_threadsafe(resolve_future, future, RequestRejected(503, "the engine process stopped"))
         self._pending.clear()
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _resolve(future: asyncio.Future, answer: object) -> None:
-    if future.done():
-        return
-    if isinstance(answer, BaseException):
-        future.set_exception(answer)
-    else:
-        future.set_result(answer)
 
 
 def _worker_main(conn: Connection, sock: socket.socket, config: ServeConfig, threads: int) -> None:
