@@ -17,10 +17,11 @@ def main() -> None:
     """
     signal.signal(signal.SIGTERM, _terminated_while_starting)
     try:
-        from .main import app
+        from .main import _CleanErrors, app
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         raise SystemExit(130) from None
+    _CleanErrors.whole_process = True
     app()
 
 

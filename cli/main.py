@@ -72,6 +72,11 @@ def _terminated(signum: int, frame: object) -> None:
 class _CleanErrors(TyperGroup):
     """The root command group; every sub-command runs inside its ``invoke``, so this is the error boundary."""
 
+    #: Set by the console entry point, where the process ends with the command: once the command is over, SIGINT
+    #: and SIGTERM stay ignored, so a late signal cannot turn a finished command into a traceback while the
+    #: interpreter exits. In-process callers (tests, other programs) get their handlers back instead.
+    whole_process: bool = False
+
     def invoke(self, ctx: typer.Context) -> Any:
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
@@ -91,11 +96,17 @@ class _CleanErrors(TyperGroup):
             terminated = isinstance(error, Terminated) or isinstance(error.__context__, Terminated)
             raise typer.Exit(143 if terminated else 130 if interrupted else 1) from None
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            # The command's outcome is settled (stored, or reported): a signal now must not interrupt the
+            # clean-up and print a traceback from it.
+            if in_main_thread:
+                previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             state = ctx.find_object(AppState)
             if state is not None:
                 state.close()
+            if in_main_thread and not self.whole_process:
+                signal.signal(signal.SIGINT, previous_int)
+                signal.signal(signal.SIGTERM, previous)
 
 
 app = typer.Typer(

@@ -334,3 +334,52 @@ def test_twenty_four_random_kills(backend: Backend, prepared: Prepared):
         for trial, sig in enumerate(SIGNALS * 8)
     ]
     assert run_trials(backend, prepared.root, kills, workers=2).total() == 24
+
+
+LATE_SIGNALS = """
+import atexit, os, signal, sys
+from ssf_tasks_cli import main, state
+
+def close_after_signals(self, close=state.AppState.close):
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)
+    close(self)
+
+state.AppState.close = close_after_signals
+atexit.register(os.kill, os.getpid(), signal.SIGTERM)
+sys.argv = ["ssf-tasks", *sys.argv[1:]]
+main()
+"""
+"""``ssf-tasks`` with SIGTERM and SIGINT delivered once the command is over: while the registry is closed and while
+the interpreter exits (after torch's own exit handlers were registered)."""
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgresql"])
+def test_signals_after_the_command_change_nothing(backend_name: str, prepared: Prepared, request):
+    backend = request.getfixturevalue(f"{backend_name}_backend")
+    with backend.copy() as url:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                LATE_SIGNALS,
+                "--registry",
+                url,
+                "task",
+                "add",
+                "new",
+                "--backbone",
+                "tr",
+                "--data",
+                prepared.root / "data",
+                *TRAIN,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=environment(),
+        )
+        assert (done.returncode, done.stderr.count("Traceback")) == (0, 0), done.stderr
+        listed = cli(url, "task", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(json.loads(line)["name"] for line in listed.stdout.splitlines()) == ["new", "old"]
