@@ -16,7 +16,7 @@ from .state import engine_of, print_table, stderr, stdout
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Train, list, show, evaluate, remove, export and import tasks.", no_args_is_help=True)
+app = typer.Typer(help="Train, list, show, plot, evaluate, remove, export and import tasks.", no_args_is_help=True)
 
 
 def _pct(value: float | None) -> str:
@@ -239,3 +239,17 @@ def import_file(
 
     record = import_task_file(engine_of(ctx), file, new_version=new_version)
     stdout.print(f"imported task '{record.name}' version {record.version} onto backbone '{record.backbone}'")
+
+
+@app.command("plot")
+def plot(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Task name.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write (its folder must exist).")],
+    version: Annotated[int | None, typer.Option("--version", min=1, help="Version (default: latest).")] = None,
+) -> None:
+    """Plot a task's γ/β per site, the backbone's weights before and after folding, and its stored metrics."""
+    from ssf_tasks.plot import plot_task
+
+    path = plot_task(engine_of(ctx), name, out, version=version)
+    stdout.print(f"wrote the plot of task '{name}' to {path}")
