@@ -39,6 +39,7 @@ FIELD_FLAGS = {
     "init_from": "--init-from",
     "lr": "--lr",
     "new_version": "--new-version",
+    "nproc": "--nproc",
     "precision": "--precision",
     "top_k": "--top-k",
     "weights": "--weights",

@@ -94,6 +94,14 @@ def add(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device")] = "auto",
     num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="DataLoader worker processes.")] = 0,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Data-parallel processes (DDP; one GPU each on CUDA, gloo on CPU); --batch-size is split among them.",
+        ),
+    ] = 1,
     init_from: Annotated[
         str | None, typer.Option("--init-from", help="Start γ/β from this task (same backbone).")
     ] = None,
@@ -118,6 +126,7 @@ def add(
         device=device,
         num_workers=num_workers,
         init_from=init_from,
+        nproc=nproc,
     )
     with _ProgressBar(name) as bar:
         record, result = train_and_store(
@@ -128,6 +137,12 @@ def add(
         f"val top-1 {_pct(record.metrics.val_top1)} (best epoch {result.best_epoch}), "
         f"test top-1 {_pct(record.metrics.test_top1)}, {result.epochs_run} epochs in {result.train_seconds:.1f} s"
     )
+    reduced = getattr(result, "reduced_per_step", None)  # a data-parallel run (DistributedTrainResult)
+    if reduced is not None:
+        stderr.print(
+            f"trained by {nproc} processes over {result.backend}; each step all-reduced {reduced} numbers "
+            f"({reduced * 4 / 1024:.0f} KB of γ/β and head gradients)"
+        )
 
 
 @app.command("list")

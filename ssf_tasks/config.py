@@ -108,6 +108,11 @@ class TrainConfig(BaseModel):
         description="Start the head as a linear probe fitted on the frozen features (its L2 weight chosen on val), "
         "or at random.",
     )
+    nproc: int = Field(
+        default=1,
+        ge=1,
+        description="Data-parallel processes (one GPU each on CUDA); each takes batch_size / nproc images a step.",
+    )
 
 
 class BackboneRecord(BaseModel):

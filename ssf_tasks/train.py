@@ -8,6 +8,9 @@ clear error and leaves the model exactly as it was before the run.
 By default the head starts as a linear probe of the frozen features (:func:`fit_probe_head`), and that starting
 point is scored on val as epoch 0: γ/β training starts from the probe's answers rather than from a random head,
 and a run never keeps a state that scores below the probe on val.
+
+Given a :class:`~ssf_tasks.data_parallel.DataParallel`, the same loop runs as one rank of a data-parallel run: its
+share of every batch, gradients of γ/β and the head averaged over the ranks, val/test top-1 summed over shards.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -23,6 +27,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .config import TrainConfig
+from .data_parallel import DataParallel
 from .errors import TrainingError, TrainingInterrupted
 from .model import MultiTaskSSF
 
@@ -91,19 +96,22 @@ def evaluate(
     device: str | torch.device = "auto",
     amp: bool = True,
     num_workers: int = 0,
+    parallel: DataParallel | None = None,
 ) -> float:
-    """Top-1 accuracy of task ``name`` on ``dataset``."""
+    """Top-1 accuracy of task ``name`` on ``dataset`` (with ``parallel``: each rank a shard, counts summed)."""
     device = resolve_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     config = TrainConfig(batch_size=batch_size, num_workers=num_workers)
     correct = total = 0
     k = model.num_classes(name)
-    for images, labels in _loader(dataset, config, shuffle=False):
+    for images, labels in _loader(parallel.shard(dataset) if parallel else dataset, config, shuffle=False):
         images, labels = images.to(device), labels.to(device)
         with _autocast(device, amp):
             logits = model(images, name)[:, :k]
         correct += int((logits.argmax(1) == labels).sum())
         total += labels.numel()
+    if parallel is not None:
+        correct, total = parallel.sum(correct, total)
     return correct / max(total, 1)
 
 
@@ -112,14 +120,25 @@ PROBE_L2 = (1e-3, 1e-2, 1e-1)
 
 
 @torch.no_grad()
-def _features(model: MultiTaskSSF, name: str, dataset: Dataset, config: TrainConfig, device: torch.device):
+def _features(
+    model: MultiTaskSSF,
+    name: str,
+    dataset: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    parallel: DataParallel | None = None,
+):
     model.eval()
-    features, labels = [], []
-    for images, y in _loader(dataset, config, shuffle=False):
+    features = [torch.empty(0, model.num_features, device=device)]  # a rank's shard may be empty
+    labels = [torch.empty(0, dtype=torch.long, device=device)]
+    for images, y in _loader(parallel.shard(dataset) if parallel else dataset, config, shuffle=False):
         with _autocast(device, config.amp):
             features.append(model.forward_features(images.to(device), name).float())
         labels.append(y.to(device))
-    return torch.cat(features), torch.cat(labels)
+    x, y = torch.cat(features), torch.cat(labels)
+    if parallel is not None:  # every rank gets every image's features, in the dataset's order
+        x, y = parallel.gather(x, len(dataset)), parallel.gather(y, len(dataset))
+    return x, y
 
 
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, k: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,18 +166,21 @@ def fit_probe_head(
     *,
     val_set: Dataset | None = None,
     device: torch.device | None = None,
+    parallel: DataParallel | None = None,
 ) -> float | None:
     """Set task ``name``'s head to a multinomial logistic regression on the features its γ/β give now.
 
     Full-batch L-BFGS on cross-entropy plus an L2 penalty; with a val set each of :data:`PROBE_L2` is fitted and
     the best on val kept. Returns the chosen probe's val top-1 (``None`` without val, or when the features are not
-    finite and the head is left as it was).
+    finite and the head is left as it was). With ``parallel``, each rank computes a shard of the features and every
+    rank fits on all of them.
     """
     device = device or resolve_device(config.device)
-    x, y = _features(model, name, train_set, config, device)
+    x, y = _features(model, name, train_set, config, device, parallel)
     if not bool(torch.isfinite(x).all()):
         return None  # the head stays as it is; the training loop stops at the non-finite loss with its message
-    val = _features(model, name, val_set, config, device) if val_set is not None and len(val_set) else None
+    has_val = val_set is not None and len(val_set) > 0
+    val = _features(model, name, val_set, config, device, parallel) if has_val else None
     k = model.num_classes(name)
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
     for l2 in PROBE_L2 if val is not None else PROBE_L2[1:2]:
@@ -183,17 +205,24 @@ def train_task(
     val_set: Dataset | None = None,
     test_set: Dataset | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Train task ``name`` (already added to ``model``) and leave its best state in the model.
+
+    With ``parallel`` this process is one rank of a data-parallel run (see :mod:`ssf_tasks.data_parallel`): every
+    rank calls this with the same arguments, and every rank ends with the same state and result.
 
     Raises:
         TrainingError: the loss became non-finite (the model is left as before the run).
         TrainingInterrupted: Ctrl-C (the model is left as before the run).
     """
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + (parallel.rank if parallel else 0))  # each rank its own augmentations
     model.to(device)
-    loader = _loader(train_set, config, shuffle=True, seed=config.seed)
+    if parallel is not None:
+        loader = parallel.train_loader(train_set, config)
+    else:
+        loader = _loader(train_set, config, shuffle=True, seed=config.seed)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.epochs
     started = time.perf_counter()
@@ -209,6 +238,7 @@ def train_task(
             device=device,
             amp=config.amp,
             num_workers=config.num_workers,
+            parallel=parallel,
         )
 
     stale_epochs = 0
@@ -216,11 +246,16 @@ def train_task(
     saved = model.task_state_dict(name)  # restored if the run fails or is interrupted
     try:
         if config.head_init == "probe":
-            probe_val = fit_probe_head(model, name, train_set, config, val_set=val_set, device=device)
+            probe_val = fit_probe_head(
+                model, name, train_set, config, val_set=val_set, device=device, parallel=parallel
+            )
+            if parallel is not None:  # every rank starts from rank 0's probe and agrees on its score
+                probe_val = parallel.broadcast_task(model, name, probe_val)
             if probe_val is not None:
                 best = (probe_val, 0, model.task_state_dict(name))
                 history.append({"epoch": 0.0, "val_top1": probe_val})
         with model.isolate_tasks([name]) as params:
+            forward = parallel.wrap(model, name, params) if parallel else partial(model, tasks=name)
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
             scheduler = CosineLRScheduler(
                 optimizer,
@@ -233,7 +268,19 @@ def train_task(
             step = 0
             for epoch in range(1, config.epochs + 1):
                 loss, accuracy = _train_epoch(
-                    model, name, loader, optimizer, scheduler, config, device, epoch, step, total_steps, progress
+                    model,
+                    forward,
+                    name,
+                    loader,
+                    optimizer,
+                    scheduler,
+                    config,
+                    device,
+                    epoch,
+                    step,
+                    total_steps,
+                    progress,
+                    parallel,
                 )
                 step += steps_per_epoch
                 record = {"epoch": float(epoch), "loss": loss, "train_top1": accuracy}
@@ -267,8 +314,10 @@ def train_task(
     return TrainResult(best[1], epochs_run, val_top1, test_top1, time.perf_counter() - started, history)
 
 
-def _train_epoch(model, name, loader, optimizer, scheduler, config, device, epoch, step, total_steps, progress):
-    """One pass over the training set; returns mean loss and training accuracy."""
+def _train_epoch(
+    model, forward, name, loader, optimizer, scheduler, config, device, epoch, step, total_steps, progress, parallel
+):
+    """One pass over the training set (``forward``: images to logits); returns mean loss and training accuracy."""
     model.train()
     loss_sum = correct = seen = 0.0
     k = model.num_classes(name)
@@ -276,7 +325,7 @@ def _train_epoch(model, name, loader, optimizer, scheduler, config, device, epoc
         tick = time.perf_counter()
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with _autocast(device, config.amp):
-            logits = model(images, name)[:, :k]
+            logits = forward(images)[:, :k]
             loss = F.cross_entropy(logits.float(), labels)
         if not math.isfinite(loss.item()):
             raise TrainingError(
@@ -294,8 +343,10 @@ def _train_epoch(model, name, loader, optimizer, scheduler, config, device, epoc
         correct += float((logits.argmax(1) == labels).sum())
         seen += batch
         if progress is not None:
-            rate = batch / max(time.perf_counter() - tick, 1e-9)
+            rate = batch * (parallel.world if parallel else 1) / max(time.perf_counter() - tick, 1e-9)
             progress(
                 TrainProgress("train", epoch, config.epochs, step, total_steps, loss_sum / seen, correct / seen, rate)
             )
+    if parallel is not None:  # the epoch's loss and accuracy over every rank's images
+        loss_sum, correct, seen = parallel.sum(loss_sum, correct, seen)
     return loss_sum / max(seen, 1), correct / max(seen, 1)

@@ -18,6 +18,7 @@ from . import registry
 from .catalog import load_backbone, transform
 from .config import TaskMetrics, TaskRecord, TrainConfig, validate_name
 from .data import ImageDataset, load_splits
+from .distributed import check_data_parallel, train_distributed
 from .errors import BackboneMismatchError
 from .model import MultiTaskSSF
 from .taskfiles import task_payload, task_tensors
@@ -59,6 +60,7 @@ def train_and_store(
         TrainingInterrupted, RegistryError: in each case nothing is stored.
     """
     validate_name("backbone", backbone)
+    check_data_parallel(config)  # config.nproc > 1: a batch that splits evenly, a GPU per process
     if config.init_from is not None:
         validate_name("task", config.init_from)
     init: tuple[TaskRecord, bytes] | None = None
@@ -95,7 +97,8 @@ def train_and_store(
 
     train_tf = transform(module, backbone_record, config, train=True)
     eval_tf = transform(module, backbone_record, config, train=False)
-    result = train_task(
+    train = train_task if config.nproc == 1 else train_distributed  # the same contract, over nproc processes
+    result = train(
         model,
         name,
         ImageDataset(splits.train, train_tf),

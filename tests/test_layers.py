@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {
             "atomic_files", "backbones", "catalog", "config", "data", "decode_workers", "engine", "export",
             "image_input", "plot", "predictions_csv", "registry", "taskfiles", "train", "training_job",
+            "data_parallel", "distributed",
         },
     ),
     ("server", {"serve"}),
