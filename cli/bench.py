@@ -389,3 +389,84 @@ def accuracy(
     typer.echo(markdown_table(rows))
     if out is not None:
         common.write_rows(out, env, started, rows)
+
+
+@app.command()
+def routing(
+    ctx: typer.Context,
+    data: Annotated[
+        list[Path],
+        typer.Option("--data", metavar="DIR", help="ImageFolder tree registered as a task (repeat the option)"),
+    ],
+    unknown: Annotated[
+        list[Path],
+        typer.Option("--unknown", metavar="DIR", help="images of a dataset not registered: the open-set check"),
+    ] = [],  # noqa: B006
+    backbone: Annotated[str | None, typer.Option("--backbone", help="a backbone of the registry")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="a timm model instead of --backbone (with --weights)")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="weights of --model: a file, package:NAME or hub[:TAG]")
+    ] = None,
+    methods: Annotated[
+        list[str] | None, typer.Option("--method", metavar="METHOD", help="knn or prototype [default: both]")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="task add's epochs for each dataset")] = 10,
+    test_limit: Annotated[
+        int | None, typer.Option("--test-limit", min=1, help="test images per dataset (spread over the split)")
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1)] = 64,
+    precision: Precision = "fp32",
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device")] = "auto",
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", file_okay=False, help="keep the tasks' registry here and reuse it on a re-run"),
+    ] = None,
+    out: Out = None,
+) -> None:
+    """Task-agnostic inference (task: auto): task selection, top-1 with auto against the task given, open-set
+    rejection and cost per image, for each routing method. Runs on the CPU too."""
+    from ssf_tasks.routing import RoutingMethod
+
+    if (backbone is None) == (model is None):
+        raise typer.BadParameter("give either --backbone or --model (with --weights)", param_hint="--backbone")
+    for method in methods or ():
+        if method not in get_args(RoutingMethod):
+            raise typer.BadParameter(f"unknown routing method {method!r} (use knn or prototype)", param_hint="--method")
+    from ssf_tasks.config import TrainConfig
+    from ssf_tasks.train import resolve_device
+    from ssf_tasks_bench import common
+    from ssf_tasks_bench.accuracy import backbone_record
+    from ssf_tasks_bench.routing import bench_routing, markdown_table
+
+    config = TrainConfig(epochs=epochs, device=device)
+    resolve_device(device)
+    if backbone is not None:
+        from sqlalchemy.orm import Session
+
+        from ssf_tasks import registry
+
+        from .state import engine_of
+
+        with Session(engine_of(ctx)) as s:
+            record = registry.get_backbone(s, backbone)
+    else:
+        assert model is not None
+        record = backbone_record(model, weights)
+    started = time.time()
+    rows = bench_routing(
+        [str(d) for d in data],
+        [str(u) for u in unknown],
+        record,
+        config,
+        methods=tuple(methods or get_args(RoutingMethod)),
+        test_limit=test_limit,
+        batch=batch,
+        precision=precision,
+        workdir=workdir,
+    )
+    typer.echo(markdown_table(rows))
+    if out is not None:
+        env = {**common.environment(), "backbone": record.model_dump(mode="json"), "config": config.model_dump()}
+        common.write_rows(out, env, started, rows)

@@ -150,9 +150,16 @@ def _root(
 def predict_command(
     ctx: typer.Context,
     source: Annotated[
-        Path, typer.Argument(help="Manifest CSV with header 'path,task', or a folder of images (with --task).")
+        Path,
+        typer.Argument(
+            help="Manifest CSV with header 'path,task' (task 'auto': the image's task is found by routing), or a "
+            "folder of images (with --task)."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Predictions CSV to write: path,task,label,score.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Predictions CSV to write: path,task,label,score (+ route_score for 'auto')."),
+    ],
     task_name: Annotated[
         str | None, typer.Option("--task", help="Run every image of the SOURCE folder through this task.")
     ] = None,
@@ -173,6 +180,10 @@ def predict_command(
     ] = "fp32",
     threads: DecodeThreads = None,
     decode: DecodeMode = "auto",
+    routing: Annotated[
+        Literal["knn", "prototype"],
+        typer.Option("--routing", help="How 'auto' rows find their task: nearest stored images, or class means."),
+    ] = "knn",
 ) -> None:
     """Predict a manifest mixing any registered tasks, in batches of mixed tasks through one backbone pass."""
     from ssf_tasks.data import read_predict_manifest
@@ -194,6 +205,7 @@ def predict_command(
         compile=compile_forward,
         threads=threads,
         decode=decode,
+        routing=routing,
     )
     try:
         predictions = predictor.predict(items, batch_size=batch_size, top_k=top_k, source=str(source))
@@ -224,19 +236,22 @@ def export_command(
 
 
 def _known_tasks(engine: Any, items: list, source: str) -> list[str]:
-    """The manifest's tasks, after checking each is registered (the error names the first row that is not)."""
+    """The tasks to load for the manifest, after checking each is registered (the error names the first row that is
+    not); a row of task ``auto`` needs every registered task, since any of them may be the one it is routed to."""
     from sqlalchemy.orm import Session
 
     from ssf_tasks import registry
     from ssf_tasks.errors import TaskNotFoundError
+    from ssf_tasks.routing import AUTO_TASK
 
     with Session(engine) as s:
         known = {r.name for r in registry.list_tasks(s)}
     for row, (path, name) in enumerate(items, start=1):
-        if name not in known:
+        if name not in known and name != AUTO_TASK:
             listing = ", ".join(sorted(known)) if known else "none"
             raise TaskNotFoundError(f"{source} row {row} ({path}): unknown task '{name}'; known tasks: {listing}")
-    return sorted({name for _, name in items})
+    named = {name for _, name in items}
+    return sorted(known if AUTO_TASK in named else named)
 
 
 def main() -> None:

@@ -103,7 +103,12 @@ def add(
         ),
     ] = 1,
     init_from: Annotated[
-        str | None, typer.Option("--init-from", help="Start γ/β from this task (same backbone).")
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Start γ/β from this task (same backbone), or 'auto': from the stored task whose class means are "
+            "closest to this dataset's images (a cold start when there is none).",
+        ),
     ] = None,
     new_version: Annotated[
         bool, typer.Option("--new-version", help="Add a version to an existing task instead of refusing.")
@@ -142,6 +147,13 @@ def add(
         stderr.print(
             f"trained by {nproc} processes over {result.backend}; each step all-reduced {reduced} numbers "
             f"({reduced * 4 / 1024:.0f} KB of γ/β and head gradients)"
+        )
+    if init_from == "auto":
+        chosen = record.train_config.init_from
+        stdout.print(
+            f"--init-from auto started from task '{chosen}'"
+            if chosen
+            else "--init-from auto: no stored task of this backbone to start from; started cold"
         )
 
 

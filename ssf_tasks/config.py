@@ -19,6 +19,7 @@ from ssf_tasks.errors import InvalidNameError
 
 __all__ = [
     "MAX_NAME_LENGTH",
+    "RESERVED_TASK_NAMES",
     "TASK_FILE_FORMAT_VERSION",
     "TASK_NAME_PATTERN",
     "BackboneRecord",
@@ -42,6 +43,10 @@ _NAME_RE = re.compile(TASK_NAME_PATTERN)
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
+RESERVED_TASK_NAMES = frozenset({"auto", "none"})
+"""Words with a meaning in requests and answers (see :mod:`ssf_tasks.routing`), so no task has them as a name."""
+
+
 def validate_name(kind: str, name: str) -> str:
     """Check a task or backbone name against the naming rule.
 
@@ -62,6 +67,10 @@ def validate_name(kind: str, name: str) -> str:
         raise InvalidNameError(
             f"invalid {kind} name {name!r}: use 1-{MAX_NAME_LENGTH} characters from a-z, 0-9, '.', '_' "
             f"and '-', starting with a letter or digit (pattern {TASK_NAME_PATTERN})"
+        )
+    if kind == "task" and name in RESERVED_TASK_NAMES:
+        raise InvalidNameError(
+            f"'{name}' cannot name a task: requests use it to ask for routing ('auto') or get it when no task fits"
         )
     return name
 
@@ -143,6 +152,10 @@ class TaskMetrics(BaseModel):
     epochs_run: int = Field(default=0, ge=0)
     train_seconds: float = Field(default=0.0, ge=0)
     best_epoch: int | None = None
+    history: list[dict[str, float]] = Field(
+        default_factory=list,
+        description="Per epoch: 'epoch', 'loss', 'train_top1', 'val_top1' where measured; epoch 0 is the probe head.",
+    )
 
 
 class TaskRecord(BaseModel):

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -40,11 +40,23 @@ from .data import IMAGE_EXTENSIONS, ImageDataset, ImageSample, load_splits
 from .errors import BackboneMismatchError, DataError, TaskNotFoundError
 from .image_input import ImageSource, InputStage, ThreadDecoder, decode_threads, iter_batches, split_transform
 from .model import MultiTaskSSF
+from .routing import (
+    AUTO_TASK,
+    DEFAULT_METHOD,
+    NO_TASK,
+    Router,
+    RoutingEntry,
+    RoutingMethod,
+    entry_from_payload,
+    feature_layer,
+    pooled_features,
+)
 from .taskfiles import task_tensors
 from .train import evaluate, resolve_device
 
 __all__ = [
     "COMPILE_MIN_BATCHES",
+    "Answer",
     "DecodeMode",
     "PRECISIONS",
     "LoadedTasks",
@@ -79,16 +91,25 @@ MIN_HEAD_WIDTH = 16
 that many classes fit the compiled forwards."""
 _SPARE = "#spare-"  # row names no task can have: task names start with a lower-case letter or a digit
 _RETIRED = "#retired-"
+Answer = tuple[list[str], list[float], str, float | None]
+"""One image's answer: its top-k labels and scores, the task that gave them (the routed one, or ``none``, for
+``task: auto``) and the routing score (``None`` for an image that named its task)."""
+_FROZEN = "#frozen"  # γ = 1, β = 0: the plain backbone, which routing (``task: auto``) runs
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top-k labels of one image under its task, with their softmax scores."""
+    """The top-k labels of one image under its task, with their softmax scores.
+
+    For an image sent as ``task: auto``, ``task`` is the task routing chose (``none``, with no labels, when no
+    task accepted it) and ``route_score`` the routing score that chose it.
+    """
 
     path: Path | str
     task: str
     labels: list[str]
     scores: list[float]
+    route_score: float | None = None
 
 
 def folder_items(folder: str | os.PathLike[str], task: str) -> list[tuple[Path, str]]:
@@ -247,6 +268,7 @@ class TaskCatalog:
     records: dict[str, TaskRecord]
     group_of: dict[str, tuple]
     stages: dict[tuple, tuple[InputStage, tuple[int, int]]]
+    auto_group: tuple | None = None
 
     def prepare(self, image: ImageSource, task: str, name: str | None = None) -> Prepared:
         """Decode and resize one image for ``task`` in the calling thread.
@@ -255,10 +277,7 @@ class TaskCatalog:
             TaskNotFoundError: the task is not served.
             DataError: the image cannot be read (naming it ``name``).
         """
-        if task not in self.group_of:
-            known = ", ".join(sorted(self.records)) or "none"
-            raise TaskNotFoundError(f"unknown task '{task}'; known tasks: {known}")
-        key = self.group_of[task]
+        key = _group_of(task, self.group_of, self.auto_group, self.records)
         stage, _ = self.stages[key]
         return Prepared(task, key, stage.to_uint8(image, name))
 
@@ -273,6 +292,7 @@ class _State:
     group_of: dict[str, tuple]  # task name -> its group's key
     rows: dict[str, int]  # task name -> its row in its model's tables
     epoch: int = 0
+    router: tuple[tuple, Router] | None = None  # the group that ``task: auto`` images go to, and its router
 
 
 class Predictor:
@@ -289,6 +309,7 @@ class Predictor:
             for itself; a server passes True and warms its buckets up before serving.
         threads: Image decoders (threads or processes); by default one per core.
         decode: Decode in ``threads``, in worker ``processes``, or ``auto`` (processes on 4 cores or more).
+        routing: How ``task: auto`` images find their task: ``knn`` or ``prototype`` (see :mod:`ssf_tasks.routing`).
 
     Raises:
         TaskNotFoundError, BackboneMismatchError: as :func:`load_tasks`.
@@ -304,6 +325,7 @@ class Predictor:
         compile: bool | None = None,
         threads: int | None = None,
         decode: DecodeMode = "auto",
+        routing: RoutingMethod = DEFAULT_METHOD,
     ) -> None:
         if precision not in PRECISIONS:
             raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'", field="precision")
@@ -311,6 +333,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.precision = precision
         self.compile = compile
+        self.routing_method = routing
+        self._entries: dict[str, RoutingEntry] = {}  # routing entries of the loaded tasks that have one
         self.warm_batch_sizes: tuple[int, ...] = ()
         self.last_timing: dict[str, float] = {}
         """Seconds of the last ``predict`` call: to its first batch's answers (decode, and compile where it
@@ -369,9 +393,14 @@ class Predictor:
         old = self._state
         tasks, backbones, payloads = _read_tasks(self.engine, read, {})
         states = {name: task_tensors(payloads[name], name) for name in tasks}
+        with Session(self.engine) as s:
+            routing = registry.get_task_routing(s, {name: record.version for name, record in tasks.items()})
+        entries = {n: e for n, e in self._entries.items() if n not in drop and n not in tasks}
+        entries.update({name: entry_from_payload(payload, name) for name, payload in routing.items()})
         in_place = self._build_in_place(tasks, states, drop)
         if in_place is not None:
-            return in_place
+            self._entries = entries
+            return self._with_router(in_place)
         records = {n: r for n, r in old.records.items() if n not in drop}
         records.update(tasks)
         changed = {r.backbone for r in tasks.values()} | {old.records[n].backbone for n in drop if n in old.records}
@@ -387,7 +416,7 @@ class Predictor:
             else:
                 models[backbone] = model = copy.deepcopy(old.models[backbone])
                 for name in model.task_names:  # retired rows, removed tasks and the old versions of updated ones
-                    if not name.startswith(_SPARE) and (name not in records or name in tasks):
+                    if not name.startswith((_SPARE, _FROZEN)) and (name not in records or name in tasks):
                         model.remove_task(name)
                 self._retired = [r for r in self._retired if r[1] != backbone]
         for backbone in changed & set(models):
@@ -411,16 +440,36 @@ class Predictor:
             probe = stage.resize(Image.new("RGB", (64, 64)))
             groups[key] = _Group(model, stage, (probe.height, probe.width))
         rows = {name: models[record.backbone].task_index(name) for name, record in records.items()}
-        state = _State(records, models, groups, group_of, rows, old.epoch + 1)
+        self._entries = entries
+        state = self._with_router(_State(records, models, groups, group_of, rows, old.epoch + 1))
         if self.warm_batch_sizes:
             self._warm(state, self.warm_batch_sizes)
         return state
+
+    def _with_router(self, state: _State) -> _State:
+        """``state`` with the router of ``task: auto`` images: over the routable tasks of the input group that
+        has most of them (routing features of different backbones or input sizes cannot be compared)."""
+        routable: dict[tuple, dict[str, RoutingEntry]] = {}
+        for name, entry in self._entries.items():
+            if name in state.group_of:
+                routable.setdefault(state.group_of[name], {})[name] = entry
+        if not routable:
+            return replace(state, router=None)
+        key = max(routable, key=lambda k: (len(routable[k]), k))
+        return replace(state, router=(key, Router(routable[key], self.routing_method, self.device)))
 
     def _reserve(self, model: MultiTaskSSF) -> None:
         """Give ``model`` its spare rows and head columns (see :data:`MIN_SPARE_ROWS`, :data:`MIN_HEAD_WIDTH`)."""
         width = max(MIN_HEAD_WIDTH, model.max_classes)
         model.widen_heads(1 << (width - 1).bit_length())
-        tasks = sum(not n.startswith((_SPARE, _RETIRED)) for n in model.task_names)
+        if _FROZEN not in model.task_names:
+            model.add_tasks({_FROZEN: 1})
+            state = model.task_state_dict(_FROZEN)
+            model.update_task(
+                _FROZEN,
+                {k: torch.ones_like(v) if k.endswith("ssf_scale") else torch.zeros_like(v) for k, v in state.items()},
+            )
+        tasks = sum(not n.startswith((_SPARE, _RETIRED, _FROZEN)) for n in model.task_names)
         spares = sum(n.startswith(_SPARE) for n in model.task_names)
         wanted = max(MIN_SPARE_ROWS, tasks // 4) - spares
         if wanted > 0:
@@ -608,15 +657,14 @@ class Predictor:
     def _predict(
         self, state: _State, items: Sequence[tuple[ImageSource, str]], batch_size: int, top_k: int, source: str
     ) -> list[Prediction]:
-        for row, (image, task) in enumerate(items, start=1):
-            if task not in state.group_of:
-                known = ", ".join(sorted(state.records)) or "none"
-                raise TaskNotFoundError(
-                    f"{source} row {row} ({_label(image, source, row)}): unknown task '{task}'; known tasks: {known}"
-                )
+        router_key = state.router[0] if state.router is not None else None
         by_group: dict[tuple, list[int]] = {}
-        for i, (_, task) in enumerate(items):
-            by_group.setdefault(state.group_of[task], []).append(i)
+        for i, (image, task) in enumerate(items):
+            try:
+                key = _group_of(task, state.group_of, router_key, state.records)
+            except TaskNotFoundError as e:
+                raise TaskNotFoundError(f"{source} row {i + 1} ({_label(image, source, i + 1)}): {e}") from None
+            by_group.setdefault(key, []).append(i)
         results: list[Prediction | None] = [None] * len(items)
         started, first = time.perf_counter(), None
         for key, indices in by_group.items():
@@ -631,15 +679,12 @@ class Predictor:
             )
             for images, span in batches_of:
                 rows = [indices[j] for j in span]
-                tasks = [items[i][1] for i in rows]
                 bucket = batch_size if compiled else len(rows)
-                logits = self._logits(group, images, [state.rows[t] for t in tasks], bucket, compiled=compiled)
-                for i, task, (labels, scores) in zip(
-                    rows, tasks, self.top_k(logits, tasks, top_k, state=state), strict=True
-                ):
+                answers = self._answer(state, group, images, [items[i][1] for i in rows], bucket, top_k, compiled)
+                for i, (labels, scores, task, route_score) in zip(rows, answers, strict=True):
                     image = items[i][0]
                     path = _label(image, source, i + 1) if isinstance(image, bytes) else Path(image)
-                    results[i] = Prediction(path=path, task=task, labels=labels, scores=scores)
+                    results[i] = Prediction(path, task, labels, scores, route_score)
                 first = first or time.perf_counter() - started
         self.last_timing = {"first_batch_s": first or 0.0, "total_s": time.perf_counter() - started}
         return [r for r in results if r is not None]
@@ -648,7 +693,8 @@ class Predictor:
         """The served tasks as :class:`TaskCatalog` (a new one after each change that ``refresh`` makes)."""
         state = self._state
         stages = {key: (group.stage, group.input_hw) for key, group in state.groups.items()}
-        return TaskCatalog(dict(state.records), dict(state.group_of), stages)
+        auto_group = state.router[0] if state.router is not None else None
+        return TaskCatalog(dict(state.records), dict(state.group_of), stages, auto_group)
 
     def prepare(self, image: ImageSource, task: str, name: str | None = None) -> Prepared:
         """Decode and resize one image for ``task`` (thread-safe; a server runs it in :attr:`pool`).
@@ -658,25 +704,24 @@ class Predictor:
             DataError: the image cannot be read (naming it ``name``).
         """
         state = self._state
-        if task not in state.group_of:
-            self.record(task)  # raises, listing the known tasks
-        key = state.group_of[task]
+        key = _group_of(task, state.group_of, state.router[0] if state.router is not None else None, state.records)
         group = state.groups[key]
         return Prepared(task, key, self.decoder.decode_one(group.stage, image, name, group.input_hw))
 
-    def run_prepared(self, items: Sequence[Prepared], top_k: int = 1) -> list[tuple[list[str], list[float]] | str]:
-        """One mixed batch of prepared images (any tasks): per item ``(labels, scores)``, or an error message for
-        an item whose task was removed or changed its transform since it was prepared."""
+    def run_prepared(self, items: Sequence[Prepared], top_k: int = 1) -> list[Answer | str]:
+        """One mixed batch of prepared images (any tasks, ``auto`` included): per item an :data:`Answer`, or an
+        error message for an item whose task was removed or changed its transform since it was prepared."""
         with self._reading() as state:
             return self._run_prepared(state, items, top_k)
 
-    def _run_prepared(
-        self, state: _State, items: Sequence[Prepared], top_k: int
-    ) -> list[tuple[list[str], list[float]] | str]:
-        out: list[tuple[list[str], list[float]] | str] = [""] * len(items)
+    def _run_prepared(self, state: _State, items: Sequence[Prepared], top_k: int) -> list[Answer | str]:
+        out: list[Answer | str] = [""] * len(items)
         by_group: dict[tuple, list[int]] = {}
+        router_key = state.router[0] if state.router is not None else None
         for i, item in enumerate(items):
-            if state.group_of.get(item.task) != item.group:
+            if item.task == AUTO_TASK and router_key != item.group:
+                out[i] = "the routed tasks changed since the image was prepared; send the image again"
+            elif item.task != AUTO_TASK and state.group_of.get(item.task) != item.group:
                 out[i] = f"task '{item.task}' is no longer served as it was; send the image again"
             else:
                 by_group.setdefault(item.group, []).append(i)
@@ -690,10 +735,49 @@ class Predictor:
             tasks = [items[i].task for i in rows]
             images = torch.stack([items[i].image for i in rows])
             group, bucket = state.groups[key], self.bucket(len(rows))
-            logits = self._logits(group, images, [state.rows[t] for t in tasks], bucket, compiled=bool(self.compile))
-            for i, result in zip(rows, self.top_k(logits, tasks, top_k, state=state), strict=True):
-                out[i] = result
+            answers = self._answer(state, group, images, tasks, bucket, top_k, bool(self.compile))
+            for i, answer in zip(rows, answers, strict=True):
+                out[i] = answer
         return out
+
+    def _answer(
+        self,
+        state: _State,
+        group: _Group,
+        images: torch.Tensor,
+        tasks: list[str],
+        bucket: int,
+        top_k: int,
+        compiled: bool,
+    ) -> list[Answer]:
+        """One batch of one group: ``task: auto`` images routed first (one forward of the plain backbone to the
+        routing depth), then every image that has a task through one mixed forward."""
+        routes: dict[int, tuple[str, float]] = {}
+        auto = [j for j, task in enumerate(tasks) if task == AUTO_TASK]
+        if auto:
+            assert state.router is not None  # auto images are only grouped where a router exists
+            routes = dict(zip(auto, self._route(group, state.router[1], images[auto]), strict=True))
+        chosen = [routes[j][0] if j in routes else task for j, task in enumerate(tasks)]
+        scores = [routes[j][1] if j in routes else None for j in range(len(tasks))]
+        answers: list[Answer] = [([], [], NO_TASK, score) for score in scores]
+        run = [j for j, task in enumerate(chosen) if task != NO_TASK]
+        if run:
+            selected = images if len(run) == len(tasks) else images[run]
+            run_tasks = [chosen[j] for j in run]
+            logits = self._logits(group, selected, [state.rows[t] for t in run_tasks], bucket, compiled=compiled)
+            for j, (labels, top) in zip(run, self.top_k(logits, run_tasks, top_k, state=state), strict=True):
+                answers[j] = (labels, top, chosen[j], scores[j])
+        return answers
+
+    def _route(self, group: _Group, router: Router, images: torch.Tensor) -> list[tuple[str, float]]:
+        """``(task, score)`` of each ``uint8 [b, H, W, 3]`` image, from the plain backbone's features."""
+        model = group.model
+        layer = feature_layer(model.backbone, router.depth)
+        x = group.stage.normalize(images.to(self.device, non_blocking=True))
+        amp = self.precision == "bf16"
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            features = model.call_backbone(x, _FROZEN, lambda backbone, x: pooled_features(backbone, x, layer))
+        return router.route(features)
 
     def top_k(
         self, logits: torch.Tensor, tasks: Sequence[str], k: int, *, state: _State | None = None
@@ -713,6 +797,20 @@ class Predictor:
         """Stop the decoders (threads or processes)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.decoder.close()
+
+
+def _group_of(task: str, group_of: dict[str, tuple], router_key: tuple | None, records: dict) -> tuple:
+    """The input group an image of ``task`` (``auto`` included) is decoded and run in."""
+    if task == AUTO_TASK:
+        if router_key is None:
+            raise TaskNotFoundError(
+                "task 'auto' needs routing entries, and no served task has one (tasks registered by task add have)"
+            )
+        return router_key
+    if task not in group_of:
+        known = ", ".join(sorted(records)) or "none"
+        raise TaskNotFoundError(f"unknown task '{task}'; known tasks: {known}")
+    return group_of[task]
 
 
 def _label(image: ImageSource, source: str, row: int) -> str:

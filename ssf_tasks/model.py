@@ -9,7 +9,7 @@ mode: its weights and BatchNorm statistics are shared by every task and never ch
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -393,6 +393,17 @@ class MultiTaskSSF(nn.Module):
         self.routing.index = index
         try:
             return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+        finally:
+            self.routing.index = None
+
+    def call_backbone(
+        self, images: torch.Tensor, tasks: Tasks, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """``fn(backbone, images)`` with each sample's own γ/β: for other ways through the backbone than
+        :meth:`forward_features` (e.g. ``forward_intermediates``)."""
+        self.routing.index = self.resolve_tasks(tasks, images.shape[0])
+        try:
+            return fn(self.backbone, images)
         finally:
             self.routing.index = None
 

@@ -5,8 +5,8 @@ at each site, in the order the model lists its sites (timm's module order, which
 what folding them does to the frozen weights. The numbers are computed by a pure function,
 :func:`task_plot_data`, so they can be checked without reading pixels; :func:`draw_task_plot` only draws them.
 
-What the registry stores about training is one summary per version (val/test top-1, epochs run, best epoch), not
-per-epoch curves, so the training panel shows those summaries across the task's versions.
+The training panel shows the version's per-epoch curves (stored with every version trained by this ssf-tasks), or,
+for a version stored without them, the val/test top-1 of every version of the task.
 
 matplotlib is imported inside :func:`draw_task_plot`, with no pyplot and no global backend switch (a bare
 ``Figure`` renders with Agg), so importing this module stays cheap and other users of matplotlib are unaffected.
@@ -287,6 +287,30 @@ def _draw_versions(ax: Axes, data: TaskPlotData) -> None:
     ax.legend(fontsize=7, loc="lower right")
 
 
+def _draw_curves(ax: Axes, record: TaskRecord) -> None:
+    """The plotted version's training curves: train loss (right axis), train and val top-1 per epoch (epoch 0 is
+    the probe head's val top-1), the kept epoch marked."""
+    history = record.metrics.history
+    ax.set_title(f"training curves of version {record.version} (epoch 0: the probe head)", fontsize=10)
+    for key, label, marker in (("train_top1", "train top-1", "."), ("val_top1", "val top-1", "o")):
+        points = [(h["epoch"], 100 * h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=marker, label=label)
+    if record.metrics.best_epoch is not None:
+        ax.axvline(record.metrics.best_epoch, color="gray", linestyle=":", linewidth=1, label="kept epoch")
+    losses = [(h["epoch"], h["loss"]) for h in history if "loss" in h]
+    if losses:
+        loss_ax = ax.twinx()
+        loss_ax.plot(*zip(*losses, strict=True), color="tab:red", linestyle="--", label="train loss")
+        loss_ax.set_ylabel("train loss", fontsize=8)
+        loss_ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel("top-1 (%)", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def draw_task_plot(data: TaskPlotData, out: str | os.PathLike[str]) -> Path:
     """Draw ``data`` into a PNG at ``out`` (written under a temporary name, then renamed into place).
 
@@ -321,7 +345,10 @@ def draw_task_plot(data: TaskPlotData, out: str | os.PathLike[str]) -> Path:
         if i < len(data.histograms):
             _draw_histogram(axes[f"hist{i}"], data.histograms[i], ops[data.histograms[i].site])
     _draw_weight_std(axes["std"], data)
-    _draw_versions(axes["train"], data)
+    if data.record is not None and data.record.metrics.history:
+        _draw_curves(axes["train"], data.record)
+    else:
+        _draw_versions(axes["train"], data)
 
     path = Path(out)
     with atomic_path(path) as temp:

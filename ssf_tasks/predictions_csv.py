@@ -1,4 +1,5 @@
-"""Predictions as a CSV file: ``path,task,label,score`` (plus ``label_2,score_2,...`` for top-k)."""
+"""Predictions as a CSV file: ``path,task,label,score`` (plus ``label_2,score_2,...`` for top-k, and
+``route_score`` when some image was sent as ``task: auto``; its ``task`` is then the routed one, or ``none``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def write_predictions(predictions: Sequence[Prediction], out: str | os.PathLike[
     header = ["path", "task", "label", "score"]
     for rank in range(2, top_k + 1):
         header += [f"label_{rank}", f"score_{rank}"]
+    routed = any(p.route_score is not None for p in predictions)
+    if routed:
+        header.append("route_score")
     out = Path(out)
     with atomic_path(out) as temp:
         with temp.open("w", newline="", encoding="utf-8") as handle:
@@ -30,5 +34,7 @@ def write_predictions(predictions: Sequence[Prediction], out: str | os.PathLike[
                         row += [p.labels[rank], f"{p.scores[rank]:.6f}"]
                     else:
                         row += ["", ""]
+                if routed:
+                    row.append("" if p.route_score is None else f"{p.route_score:.6f}")
                 writer.writerow(row)
     return out

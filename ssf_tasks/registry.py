@@ -78,6 +78,8 @@ __all__ = [
     "get_backbone",
     "get_task",
     "get_task_payload",
+    "get_task_routing",
+    "set_task_routing",
     "list_backbones",
     "list_task_versions",
     "list_tasks",
@@ -87,8 +89,11 @@ __all__ = [
     "transaction",
 ]
 
-SCHEMA_VERSION = 1
-"""Version of the table layout below; bump it (and add a migration) whenever the layout changes."""
+SCHEMA_VERSION = 2
+"""Version of the table layout below; bump it (and add a migration) whenever the layout changes.
+
+2 added ``task_routing`` (created on opening a version-1 registry; an ssf-tasks that knows only version 1 would
+leave a removed task's routing entry behind, so it refuses a version-2 registry)."""
 
 _NAME = String(64)
 _SHA256 = String(64)
@@ -170,6 +175,19 @@ class _TaskVersionRow(_Base):
     )
     payload_sha256: Mapped[str] = mapped_column(_SHA256)
     created_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+
+
+class _TaskRoutingRow(_Base):
+    """A task version's routing entry (see :mod:`ssf_tasks.routing`): safetensors bytes, removed with the version."""
+
+    __tablename__ = "task_routing"
+    __table_args__ = (UniqueConstraint("task_name", "version", name="uq_task_routing_task_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_name: Mapped[str] = mapped_column(_NAME, index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[bytes] = mapped_column(LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"))
+    payload_sha256: Mapped[str] = mapped_column(_SHA256)
 
 
 # ------------------------------------------------------------------------------------------- opening
@@ -294,9 +312,12 @@ def _ensure_schema(engine: Engine) -> None:
                 )
             if found is not None and found < 1:
                 raise SchemaVersionError(f"the registry has an unknown schema version {found}")
-        _Base.metadata.create_all(conn)
-        if conn.execute(select(_SchemaInfo.schema_version)).scalar_one_or_none() is None:
+        _Base.metadata.create_all(conn)  # also the migration from version 1: it only adds a table
+        found = conn.execute(select(_SchemaInfo.schema_version)).scalar_one_or_none()
+        if found is None:
             conn.execute(insert(_SchemaInfo).values(id=1, schema_version=SCHEMA_VERSION))
+        elif found < SCHEMA_VERSION:
+            conn.execute(update(_SchemaInfo).values(schema_version=SCHEMA_VERSION))
 
 
 def _reason(error: BaseException) -> str:
@@ -685,7 +706,46 @@ def remove_task(s: Session, name: str, version: int | None = None) -> int:
             )
         doomed = versions if version is None else [version]
         s.execute(delete(_TaskVersionRow).where(_TaskVersionRow.task_name == name, _TaskVersionRow.version.in_(doomed)))
+        s.execute(delete(_TaskRoutingRow).where(_TaskRoutingRow.task_name == name, _TaskRoutingRow.version.in_(doomed)))
         if len(doomed) == len(versions):
             s.delete(task)
         s.flush()
         return len(doomed)
+
+
+def set_task_routing(s: Session, name: str, version: int, payload: bytes) -> None:
+    """Store (or replace) the routing entry of one stored task version, in the caller's transaction.
+
+    Raises:
+        TaskNotFoundError: If the task or version is unknown.
+    """
+    validate_name("task", name)
+    with _db_errors(f"storing the routing entry of task '{name}'"):
+        _version_row(s, name, version)
+        s.execute(delete(_TaskRoutingRow).where(_TaskRoutingRow.task_name == name, _TaskRoutingRow.version == version))
+        digest = hashlib.sha256(payload).hexdigest()
+        s.add(_TaskRoutingRow(task_name=name, version=version, payload=bytes(payload), payload_sha256=digest))
+        s.flush()
+
+
+def get_task_routing(s: Session, versions: dict[str, int]) -> dict[str, bytes]:
+    """The routing entries of the given task versions (name -> version); tasks without one are left out.
+
+    Raises:
+        RegistryError: If stored bytes do not match their sha256 (a corrupt registry).
+    """
+    if not versions:
+        return {}
+    with _db_errors("reading routing entries"):
+        rows = s.scalars(select(_TaskRoutingRow).where(_TaskRoutingRow.task_name.in_(list(versions))))
+        found: dict[str, bytes] = {}
+        for row in rows:
+            if versions.get(row.task_name) != row.version:
+                continue
+            if hashlib.sha256(row.payload).hexdigest() != row.payload_sha256:
+                raise RegistryError(
+                    f"task '{row.task_name}' version {row.version} is corrupt: its routing entry does not match "
+                    "its sha256"
+                )
+            found[row.task_name] = row.payload
+        return found

@@ -16,13 +16,24 @@ from sqlalchemy.orm import Session
 
 from . import registry
 from .catalog import load_backbone, transform
-from .config import TaskMetrics, TaskRecord, TrainConfig, validate_name
-from .data import ImageDataset, load_splits
+from .config import BackboneRecord, TaskMetrics, TaskRecord, TrainConfig, validate_name
+from .data import DatasetSplits, ImageDataset, load_splits
 from .distributed import check_data_parallel, train_distributed
 from .errors import BackboneMismatchError
 from .model import MultiTaskSSF
+from .routing import (
+    AUTO_TASK,
+    DEFAULT_DEPTH,
+    Router,
+    RoutingEntry,
+    build_entry,
+    dataset_features,
+    entry_from_payload,
+    entry_payload,
+    feature_layer,
+)
 from .taskfiles import task_payload, task_tensors
-from .train import TrainProgress, TrainResult, train_task
+from .train import TrainProgress, TrainResult, resolve_device, train_task
 
 __all__ = ["train_and_store"]
 
@@ -48,7 +59,8 @@ def train_and_store(
         backbone: A registered backbone's name.
         data: An ImageFolder tree (``train/``, optional ``val/`` and ``test/``) or a ``path,label`` manifest.
         config: How to train; ``config.init_from`` names a task whose γ/β (and head, when its class names are
-            the same) start this run.
+            the same) start this run, or is ``auto``: the closest stored task (see :func:`_closest_task`); the
+            stored config names the task chosen.
         new_version: Add a version to an existing task rather than refuse.
         progress: Called with every :class:`~ssf_tasks.train.TrainProgress` report.
 
@@ -59,27 +71,30 @@ def train_and_store(
         InvalidNameError, BackboneError, DuplicateTaskError, TaskNotFoundError, DataError, TrainingError,
         TrainingInterrupted, RegistryError: in each case nothing is stored.
     """
+    validate_name("task", name)
     validate_name("backbone", backbone)
     check_data_parallel(config)  # config.nproc > 1: a batch that splits evenly, a GPU per process
-    if config.init_from is not None:
+    auto_init = config.init_from == AUTO_TASK
+    if config.init_from is not None and not auto_init:
         validate_name("task", config.init_from)
     init: tuple[TaskRecord, bytes] | None = None
     with Session(engine) as s:
         backbone_record = registry.get_backbone(s, backbone)
         registry.check_task_addable(s, name, new_version=new_version)
-        if config.init_from is not None:
-            source = registry.get_task(s, config.init_from)
-            if source.backbone_fingerprint != backbone_record.fingerprint:
-                raise BackboneMismatchError(
-                    f"init_from task '{source.name}' was trained on backbone '{source.backbone}', not on "
-                    f"'{backbone}' (fingerprints differ); it can only start tasks of its own backbone",
-                    field="init_from",
-                )
-            init = source, registry.get_task_payload(s, source.name, source.version)
+        if config.init_from is not None and not auto_init:
+            init = _init_source(s, config.init_from, backbone_record)
         registry.check_writable(s)  # rolled back when the session closes
 
     splits = load_splits(data)
     module = load_backbone(backbone_record)
+    eval_tf = transform(module, backbone_record, config, train=False)
+    routing = _routing_entry(module, splits, eval_tf, config)  # on the plain backbone, before SSF sites go in
+    if auto_init:  # the stored task whose classes look most like this dataset's, or a cold start if none is stored
+        chosen = _closest_task(engine, backbone_record, name, routing)
+        config = config.model_copy(update={"init_from": chosen})
+        if chosen is not None:
+            with Session(engine) as s:
+                init = _init_source(s, chosen, backbone_record)
     model = MultiTaskSSF(module, sigma=config.sigma)
     model.add_task(name, splits.num_classes, generator=torch.Generator().manual_seed(config.seed))
     if init is not None:
@@ -96,7 +111,6 @@ def train_and_store(
         model.update_task(name, state)
 
     train_tf = transform(module, backbone_record, config, train=True)
-    eval_tf = transform(module, backbone_record, config, train=False)
     train = train_task if config.nproc == 1 else train_distributed  # the same contract, over nproc processes
     result = train(
         model,
@@ -119,9 +133,51 @@ def train_and_store(
             epochs_run=result.epochs_run,
             train_seconds=result.train_seconds,
             best_epoch=result.best_epoch,
+            history=result.history,
         ),
     )
     payload = task_payload(model.task_state_dict(name))
     with registry.transaction(engine, f"storing task '{name}'") as s:
         stored = registry.add_task_version(s, record, payload, new_version=new_version)
+        registry.set_task_routing(s, name, stored.version, entry_payload(routing))
     return stored, result
+
+
+def _init_source(s: Session, task: str, backbone: BackboneRecord) -> tuple[TaskRecord, bytes]:
+    """The latest version of the task that starts this run, and its payload, checked to be of ``backbone``."""
+    source = registry.get_task(s, task)
+    if source.backbone_fingerprint != backbone.fingerprint:
+        raise BackboneMismatchError(
+            f"init_from task '{source.name}' was trained on backbone '{source.backbone}', not on "
+            f"'{backbone.name}' (fingerprints differ); it can only start tasks of its own backbone",
+            field="init_from",
+        )
+    return source, registry.get_task_payload(s, source.name, source.version)
+
+
+def _closest_task(engine: Engine, backbone: BackboneRecord, name: str, entry: RoutingEntry) -> str | None:
+    """For ``--init-from auto``: the stored task of ``backbone`` (other than ``name``) whose class means are closest
+    to this dataset's training images (mean over the images of the best cosine similarity to one of its class
+    means), or ``None`` when no such task has a routing entry."""
+    with Session(engine) as s:
+        candidates = {
+            r.name: r.version
+            for r in registry.list_tasks(s)
+            if r.name != name and r.backbone_fingerprint == backbone.fingerprint
+        }
+        payloads = registry.get_task_routing(s, candidates)
+    entries = {task: entry_from_payload(payload, task) for task, payload in payloads.items()}
+    entries = {task: e for task, e in entries.items() if e.depth == entry.depth}
+    if not entries:
+        return None
+    router = Router(entries, "prototype", torch.device("cpu"))
+    return router.tasks[int(router.scores(entry.features.float()).mean(0).argmax())]
+
+
+def _routing_entry(module: torch.nn.Module, splits: DatasetSplits, eval_tf: Callable, config: TrainConfig):
+    """The task's routing entry (see :mod:`ssf_tasks.routing`): frozen features of train, thresholds from val."""
+    device = resolve_device(config.device)
+    layer = feature_layer(module, DEFAULT_DEPTH)
+    train = dataset_features(module, ImageDataset(splits.train, eval_tf), layer, device)
+    val = dataset_features(module, ImageDataset(splits.val, eval_tf), layer, device) if splits.val else None
+    return build_entry(*train, val[0] if val is not None else None, depth=DEFAULT_DEPTH, seed=config.seed)

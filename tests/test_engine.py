@@ -118,7 +118,7 @@ def test_predictor_gives_the_eager_model_outputs_and_names_bad_images(engine, tm
         predictor.predict([(b"not an image", "a")], source="request")
     assert predictor.predict([(p, "a") for p in images], batch_size=3) == got[:-1]  # an error spoils nothing
     prepared = predictor.prepare(images[1].read_bytes(), "a", name="image 0")
-    assert predictor.run_prepared([prepared]) == [(got[1].labels, got[1].scores)]
+    assert predictor.run_prepared([prepared]) == [(got[1].labels, got[1].scores, "a", None)]
     with pytest.raises(DataError, match="image 7"):
         predictor.prepare(b"junk", "a", name="image 7")
     predictor.close()
@@ -325,5 +325,8 @@ def test_batcher_mixes_requests_and_refuses_work_beyond_its_queue(engine, tmp_pa
     batcher.close()
     assert sizes == [3]  # both requests, both tasks, one forward
     expected = predictor.predict([(images[0], "a"), (images[1], "b"), (images[2], "b")], top_k=2)
-    assert (one, two) == ((expected[0].labels, expected[0].scores), (expected[1].labels, expected[1].scores))
-    assert three == (expected[2].labels[:1], expected[2].scores[:1])
+    assert (one, two) == (
+        (expected[0].labels, expected[0].scores, "a", None),
+        (expected[1].labels, expected[1].scores, "b", None),
+    )
+    assert three == (expected[2].labels[:1], expected[2].scores[:1], "b", None)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "application",
         {
             "atomic_files", "backbones", "catalog", "config", "data", "decode_workers", "engine", "export",
-            "image_input", "plot", "predictions_csv", "registry", "taskfiles", "train", "training_job",
+            "image_input", "plot", "predictions_csv", "registry", "routing", "taskfiles", "train", "training_job",
             "data_parallel", "distributed",
         },
     ),

@@ -182,6 +182,10 @@ def test_cli_plots_the_version_asked_for_with_every_version_listed(url, tmp_path
     assert first.record.version == 1 and latest.record.version == 2
     assert [r.version for r in first.versions] == [1, 2] == [r.version for r in latest.versions]
     assert all(r.metrics.epochs_run == 1 for r in first.versions)
+    for r in first.versions:  # the curves drawn: epoch 0 is the probe head on val, then the one trained epoch
+        assert [h["epoch"] for h in r.metrics.history] == [0.0, 1.0]
+        assert {"loss", "train_top1", "val_top1"} <= set(r.metrics.history[1])
+        assert r.metrics.history[r.metrics.best_epoch]["val_top1"] == r.metrics.val_top1
     for data, version in ((first, 1), (latest, 2)):
         state = stored(url, "cnn-task", version)
         expected = summaries([state[f"{s.name}.ssf_scale"] for s in data.sites])

@@ -277,7 +277,13 @@ def test_rolled_back_transaction_leaves_no_version(engine: Engine) -> None:
 def test_open_creates_the_schema(url: str) -> None:
     engine = open_registry(url)
     with engine.connect() as conn:
-        assert sorted(inspect(conn).get_table_names()) == ["backbones", "schema_info", "task_versions", "tasks"]
+        assert sorted(inspect(conn).get_table_names()) == [
+            "backbones",
+            "schema_info",
+            "task_routing",
+            "task_versions",
+            "tasks",
+        ]
         assert conn.execute(text("SELECT id, schema_version FROM schema_info")).all() == [(1, SCHEMA_VERSION)]
     engine.dispose()
     open_registry(url).dispose()  # reopening an existing registry is fine
@@ -423,7 +429,13 @@ def test_concurrent_first_open_creates_the_schema_once(url: str) -> None:
     assert _run_processes([(registry_workers.open_only, (url, barrier))] * 3) == [None] * 3
     engine = open_registry(url)
     with engine.connect() as conn:
-        assert sorted(inspect(conn).get_table_names()) == ["backbones", "schema_info", "task_versions", "tasks"]
+        assert sorted(inspect(conn).get_table_names()) == [
+            "backbones",
+            "schema_info",
+            "task_routing",
+            "task_versions",
+            "tasks",
+        ]
         assert conn.execute(text("SELECT id, schema_version FROM schema_info")).all() == [(1, SCHEMA_VERSION)]
     engine.dispose()
 

@@ -111,6 +111,25 @@ def test_infer_raw_json_and_mixed_agree_with_predict(server, tmp_path):
         assert abs(single["score"] - score) < 1e-5 and abs(one_of_mixed["score"] - score) < 1e-5
 
 
+def test_auto_requests_name_the_routed_task_and_answer_as_it_does(server):
+    base, images = server["base"], server["images"]
+    known = httpx.post(f"{base}/v2/infer", json={"inputs": [{"task": "a", "data": b64(p)} for p in images]})
+    auto = httpx.post(f"{base}/v2/infer", json={"inputs": [{"task": "auto", "data": b64(p)} for p in images]})
+    raw = httpx.post(
+        f"{base}/v2/models/auto/infer", content=images[0].read_bytes(), headers={"content-type": "image/jpeg"}
+    )
+    assert (known.status_code, auto.status_code, raw.status_code) == (200, 200, 200), auto.text
+    assert raw.json()["model_version"] == "routed" and raw.json()["outputs"][0]["task"] in ("a", "none")
+    for given, routed in zip(known.json()["outputs"], auto.json()["outputs"], strict=True):
+        assert "route_score" not in given and isinstance(routed["route_score"], float)
+        assert routed["task"] in ("a", "none")
+        if routed["task"] == "a":
+            assert routed["label"] == given["label"] and abs(routed["score"] - given["score"]) < 1e-5
+        else:
+            assert routed["label"] is None and routed["labels"] == []
+    assert sum(o["task"] == "a" for o in auto.json()["outputs"]) >= len(images) - 1
+
+
 BAD_REQUESTS = [
     ("post", "/v2/models/nope/infer", {"content": b"x", "headers": {"content-type": "image/jpeg"}}, 404, "unknown task"),
     ("post", "/v2/models/a/infer", {"content": b"not an image", "headers": {"content-type": "image/jpeg"}}, 400, "cannot read image"),

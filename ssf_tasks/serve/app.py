@@ -8,6 +8,8 @@ Routes:
     ``{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [n], "data": ["<base64>", ...]}],
     "parameters": {"top_k": k}}``.
     ``POST /v2/infer``: many tasks in one call: ``{"inputs": [{"task": "a", "data": "<base64>"}, ...], "top_k": k}``.
+    A task of ``auto`` (in either route) lets the server pick the task (:mod:`ssf_tasks.routing`): the output names
+    it (``none`` when no task fits, with no label) and adds its ``route_score``.
     ``GET /metrics``: Prometheus text format.
 
 Every bad request gets a 4xx with ``{"error": "..."}``; a full queue gets 503.
@@ -38,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import TaskRecord
 from ..engine import Predictor, Prepared
 from ..errors import DataError, SSFTasksError, TaskNotFoundError
+from ..routing import AUTO_TASK
 from .batcher import Batcher, QueueFullError
 
 __all__ = ["Backend", "LocalBackend", "Metrics", "RequestRejected", "ServeConfig", "create_app"]
@@ -338,9 +341,18 @@ def create_app(backend: Backend | Predictor, config: ServeConfig | None = None) 
         for (_, task), result in zip(pairs, results, strict=True):
             if isinstance(result, str):
                 raise RequestRejected(409, result)
-            labels, scores = result
-            outputs.append({"task": task, "label": labels[0], "score": scores[0], "labels": labels, "scores": scores})
-            metrics.images.labels(task).inc()
+            labels, scores, served_by, route_score = result
+            output = {
+                "task": served_by,
+                "label": labels[0] if labels else None,
+                "score": scores[0] if scores else None,
+                "labels": labels,
+                "scores": scores,
+            }
+            if task == AUTO_TASK:
+                output["route_score"] = route_score
+            outputs.append(output)
+            metrics.images.labels(served_by).inc()
         return outputs
 
     async def handle(request: Request, task_label: str, work) -> Response:
@@ -356,7 +368,7 @@ def create_app(backend: Backend | Predictor, config: ServeConfig | None = None) 
     @app.post("/v2/models/{task}/infer")
     async def infer(task: str, request: Request) -> Response:
         async def work() -> dict:
-            if task not in backend.task_names:
+            if task != AUTO_TASK and task not in backend.task_names:
                 raise RequestRejected(
                     404, f"unknown task '{task}'; known tasks: {', '.join(backend.task_names) or 'none'}"
                 )
@@ -387,7 +399,8 @@ def create_app(backend: Backend | Predictor, config: ServeConfig | None = None) 
                 )
             check_count(len(images))
             outputs = await answer([(b, task) for b in images], top_k)
-            return {"model_name": task, "model_version": str(backend.record(task).version), "outputs": outputs}
+            version = "routed" if task == AUTO_TASK else str(backend.record(task).version)
+            return {"model_name": task, "model_version": version, "outputs": outputs}
 
         return await handle(request, task if task in backend.task_names else "unknown", work)
 

@@ -141,7 +141,9 @@ class Batcher:
         for waiting in batch:
             part = results[start : start + len(waiting.items)]
             start += len(waiting.items)
-            trimmed = [r if isinstance(r, str) else (r[0][: waiting.top_k], r[1][: waiting.top_k]) for r in part]
+            trimmed = [
+                r if isinstance(r, str) else (r[0][: waiting.top_k], r[1][: waiting.top_k], *r[2:]) for r in part
+            ]
             waiting.deliver(trimmed)
 
 
