@@ -221,9 +221,10 @@ def _client_process(base: str, bodies: list[tuple[str, bytes]], clients: int, se
 
 def _load(base: str, bodies, clients: int, processes: int, seconds: float, rate: float, per_request: int) -> Row:
     out: multiprocessing.Queue = multiprocessing.Queue()
-    per_process = max(1, clients // processes)
-    arguments = (base, bodies, per_process, seconds, rate, per_request, out)
-    workers = [multiprocessing.Process(target=_client_process, args=arguments) for _ in range(processes)]
+    processes = min(processes, clients)
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]  # all ``clients``, spread
+    workers = [multiprocessing.Process(target=_client_process, args=(base, bodies, n, seconds, rate, per_request, out))
+               for n in shares]  # fmt: skip
     for w in workers:
         w.start()
     latencies, failures = [], []
@@ -236,7 +237,7 @@ def _load(base: str, bodies, clients: int, processes: int, seconds: float, rate:
     latencies.sort()
     count = len(latencies)
     return {
-        "clients": per_process * processes,
+        "clients": sum(shares),
         "images_per_request": per_request,
         "paced_requests_s_per_client": rate or None,
         "img_s": count * per_request / seconds,
