@@ -265,6 +265,24 @@ def serve(
 Method = Literal["linear", "bitfit", "full", "lora", "ssf"]
 
 
+def _backbone_of(ctx: typer.Context, backbone: str | None, model: str | None, weights: str | None):
+    """The backbone record a benchmark trains on: a registered one (``--backbone``), or ``--model`` with its
+    ``--weights`` (not stored)."""
+    if backbone is not None:
+        from sqlalchemy.orm import Session
+
+        from ssf_tasks import registry
+
+        from .state import engine_of
+
+        with Session(engine_of(ctx)) as s:
+            return registry.get_backbone(s, backbone)
+    from ssf_tasks_bench.accuracy import backbone_record
+
+    assert model is not None
+    return backbone_record(model, weights)
+
+
 def _grids(values: list[str]) -> dict[str, tuple[float, ...]]:
     """``--grid METHOD=V1,V2,...`` options as a dict of grids."""
     grids: dict[str, tuple[float, ...]] = {}
@@ -350,7 +368,7 @@ def accuracy(
     from ssf_tasks.config import TrainConfig
     from ssf_tasks.train import resolve_device
     from ssf_tasks_bench import common
-    from ssf_tasks_bench.accuracy import METHODS, backbone_record, bench_accuracy, markdown_table
+    from ssf_tasks_bench.accuracy import METHODS, bench_accuracy, markdown_table
 
     config = TrainConfig(
         epochs=epochs,
@@ -363,18 +381,7 @@ def accuracy(
         num_workers=num_workers,
     )
     resolve_device(device)  # asking for CUDA without one fails here, before any work
-    if backbone is not None:
-        from sqlalchemy.orm import Session
-
-        from ssf_tasks import registry
-
-        from .state import engine_of
-
-        with Session(engine_of(ctx)) as s:
-            record = registry.get_backbone(s, backbone)
-    else:
-        assert model is not None
-        record = backbone_record(model, weights)
+    record = _backbone_of(ctx, backbone, model, weights)
     started = time.time()
     env = {**common.environment(), "backbone": record.model_dump(mode="json"), "config": config.model_dump()}
     rows = bench_accuracy(
@@ -437,23 +444,11 @@ def routing(
     from ssf_tasks.config import TrainConfig
     from ssf_tasks.train import resolve_device
     from ssf_tasks_bench import common
-    from ssf_tasks_bench.accuracy import backbone_record
     from ssf_tasks_bench.routing import bench_routing, markdown_table
 
     config = TrainConfig(epochs=epochs, device=device)
     resolve_device(device)
-    if backbone is not None:
-        from sqlalchemy.orm import Session
-
-        from ssf_tasks import registry
-
-        from .state import engine_of
-
-        with Session(engine_of(ctx)) as s:
-            record = registry.get_backbone(s, backbone)
-    else:
-        assert model is not None
-        record = backbone_record(model, weights)
+    record = _backbone_of(ctx, backbone, model, weights)
     started = time.time()
     rows = bench_routing(
         [str(d) for d in data],
