@@ -228,11 +228,17 @@ def kill_task_add(url: str, root: Path, kill: Kill, delay: float) -> tuple[int, 
 
 
 def assert_complete_new_version(backend: Backend, after: Rows, url: str) -> None:
-    """``after`` is the prepared registry plus task ``new`` version 1, every row of it, its payload loadable."""
+    """``after`` is the prepared registry plus task ``new`` version 1, every row of it (its routing entry included),
+    its payload loadable."""
     before = backend.before
     assert after.keys() == before.keys()
-    for table in sorted(before.keys() - {"tasks", "task_versions"}):
+    for table in sorted(before.keys() - {"tasks", "task_versions", "task_routing"}):
         assert after[table] == before[table], f"table {table} changed"
+    # The version's routing entry is written in the same transaction: exactly one new row, intact.
+    assert [r for r in after["task_routing"] if r["task_name"] != "new"] == before["task_routing"]
+    (routing,) = [r for r in after["task_routing"] if r["task_name"] == "new"]
+    assert routing["version"] == 1
+    assert hashlib.sha256(routing["payload"]).hexdigest() == routing["payload_sha256"]
     assert [r for r in after["tasks"] if r["name"] != "new"] == before["tasks"]
     assert [r["last_version"] for r in after["tasks"] if r["name"] == "new"] == [1]
     assert [r for r in after["task_versions"] if r["task_name"] != "new"] == before["task_versions"]
