@@ -16,6 +16,10 @@ and the same schedule (AdamW, linear warmup then cosine decay per step, bf16 aut
   says why when PEFT is not installed or the backbone has no such layers.
 * ``ssf``: ``ssf_tasks.training_job.train_and_store``, the code ``task add`` runs, in a registry of the run's own
   (so the user's registry never sees the runs); its parameter count is read back from the stored task.
+* ``ssf-defaults``: what ``task add`` does with no flags (no search, trained on ``train/`` alone, best epoch on
+  ``val/``), 3 seeds: the row the linear probe + 3 points target is about.
+* :data:`ABLATIONS`: ``ssf`` with one change each (scale or shift only, attention or MLP sites only, identity
+  initialisation, a random head), under the same protocol.
 
 Trainable parameters are counted from what each method's optimiser actually receives (for SSF, from the stored
 payload), so a method that trains more or less than it claims shows it in the table.
@@ -53,6 +57,7 @@ from ssf_tasks.train import resolve_device
 from ssf_tasks.training_job import train_and_store
 
 __all__ = [
+    "ABLATIONS",
     "DEFAULT_GRIDS",
     "LORA_RANK",
     "LORA_TARGETS",
@@ -63,7 +68,16 @@ __all__ = [
     "markdown_table",
 ]
 
-METHODS: tuple[str, ...] = ("linear", "bitfit", "full", "lora", "ssf")
+METHODS: tuple[str, ...] = ("linear", "bitfit", "full", "lora", "ssf", "ssf-defaults")
+# SSF variants in the spirit of the paper's ablations: each is ``ssf`` (same grid, same protocol) with one change.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "ssf-scale": {"adapt": "scale"},
+    "ssf-shift": {"adapt": "shift"},
+    "ssf-attn": {"train_sites": ["*.attn.*"]},
+    "ssf-mlp": {"train_sites": ["*.mlp.*"]},
+    "ssf-identity-init": {"sigma": 0.0},
+    "ssf-random-head": {"head_init": "random"},
+}
 DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
     "linear": (1e-4, 1e-3, 1e-2),  # L2 strength on standardised features
     "bitfit": (1e-3, 3e-3, 1e-2),
@@ -269,7 +283,10 @@ def _probe_top1(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -
 
 def _link_view(root: Path, splits: DatasetSplits, layout: dict[str, Sequence[str]]) -> Path:
     """An ImageFolder tree at ``root`` of symbolic links: ``layout`` maps a split of the view to the dataset's splits
-    it holds (``{"train": ["train", "val"], "test": ["test"]}``); file names keep their suffix and stay unique."""
+    it holds (``{"train": ["train", "val"], "test": ["test"]}``); file names keep their suffix and stay unique.
+    A view already there is reused (SSF and its variants share the dataset's views)."""
+    if root.exists():
+        return root
     for view_split, sources in layout.items():
         for source in sources:
             for i, sample in enumerate(splits.split(source)):
@@ -295,7 +312,18 @@ class _SSFRuns:
         with Session(self.engine) as s:
             stored = task_tensors(registry.get_task_payload(s, name), name)
         val = result.history[-1].get("val_top1") if result.history else None
-        return val, result.test_top1, sum(t.numel() for t in stored.values()), result.train_seconds
+        trained = sum(t.numel() for key, t in stored.items() if not _pinned(key, t))
+        return val, result.test_top1, trained, result.train_seconds
+
+
+def _pinned(key: str, tensor: torch.Tensor) -> bool:
+    """A γ exactly 1 or a β exactly 0 everywhere: a table the run did not train (``adapt``, ``train_sites``).
+
+    Trained tables start from noise (or, with σ = 0, move off identity at the first step), so none is exactly
+    identity after a run."""
+    if key.endswith(".ssf_scale"):
+        return bool(torch.all(tensor == 1))
+    return key.endswith(".ssf_shift") and bool(torch.all(tensor == 0))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -346,10 +374,12 @@ def bench_accuracy(
         Rows with the chosen hyper-parameter, the val top-1 of every grid value, the test top-1 of every seed with
         their mean and standard deviation, the trainable parameter count and the mean training seconds per run.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in ABLATIONS]
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r} (use {', '.join(METHODS)})")
+        raise ValueError(f"unknown method {unknown[0]!r} (use {', '.join([*METHODS, *ABLATIONS])})")
     grids = {**DEFAULT_GRIDS, **(grids or {})}
+    for method in methods:
+        grids.setdefault(method, grids["ssf"])  # SSF's variants search SSF's grid; ssf-defaults searches nothing
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="ssf-bench-accuracy-") as tmp:
             return bench_accuracy(
@@ -449,7 +479,24 @@ def _bench_method(
         row["test_top1"], row["trainable_params"] = [accuracy], sum(p.numel() for p in head.parameters())
         row["note"] = "logistic regression (L-BFGS, deterministic: one run)"
         log(f"{where}: l2 {chosen:g}, test top-1 {accuracy:.4f}")
-    elif method == "ssf":
+    elif method == "ssf-defaults":
+        # What `task add NAME --data DATASET` does with no flags: TrainConfig's defaults, no search, the dataset
+        # as it is (train/ trains, val/ picks the best epoch, test/ scores). Only where it runs comes from `config`.
+        as_is = _link_view(root / "views" / f"{index}-{splits.root.name}" / "as-is", splits, {s: [s] for s in SPLITS})
+        defaults = TrainConfig(device=config.device, amp=config.amp, num_workers=config.num_workers)
+        row["chosen"], row["epochs"] = defaults.lr, defaults.epochs
+        row["note"] = f"task add defaults: {defaults.epochs} epochs, lr {defaults.lr:g}, no search, train/ only"
+        seconds, vals = [], []
+        for seed in seed_values:
+            val_top1, test_top1, params, train_seconds = ssf.run(as_is, defaults.model_copy(update={"seed": seed}))
+            vals.append(val_top1)
+            row["test_top1"].append(test_top1)
+            row["trainable_params"] = params
+            seconds.append(train_seconds)
+            log(f"{where}: seed {seed}, val top-1 {_score(val_top1)}, test top-1 {test_top1:.4f} ({train_seconds:.1f} s)")
+        row["val_top1"] = statistics.fmean(vals)  # the last epoch's, as for every other row
+    elif method == "ssf" or method in ABLATIONS:
+        config = config.model_copy(update=ABLATIONS.get(method, {}))
         views = root / "views" / f"{index}-{splits.root.name}"
         select = _link_view(views / "select", splits, {"train": ["train"], "val": ["val"]})
         refit = _link_view(views / "refit", splits, {"train": ["train", "val"], "test": ["test"]})

@@ -262,7 +262,20 @@ def serve(
         rows += bench_serve(workdir, model, tasks, batch, precision, clients, seconds, processes, http_workers=workers)
 
 
-Method = Literal["linear", "bitfit", "full", "lora", "ssf"]
+Method = Literal[
+    "linear",
+    "bitfit",
+    "full",
+    "lora",
+    "ssf",
+    "ssf-defaults",
+    "ssf-scale",
+    "ssf-shift",
+    "ssf-attn",
+    "ssf-mlp",
+    "ssf-identity-init",
+    "ssf-random-head",
+]
 
 
 def _backbone_of(ctx: typer.Context, backbone: str | None, model: str | None, weights: str | None):
@@ -321,7 +334,9 @@ def accuracy(
         typer.Option(
             "--method",
             metavar="METHOD",
-            help="linear, bitfit, full, lora or ssf (repeat the option) [default: all five]",
+            help="linear, bitfit, full, lora, ssf, ssf-defaults (task add with no flags), or an SSF ablation: "
+            "ssf-scale, ssf-shift, ssf-attn, ssf-mlp, ssf-identity-init, ssf-random-head (repeat the option) "
+            "[default: the first six]",
         ),
     ] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="final runs per method: mean ± std")] = 3,

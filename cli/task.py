@@ -110,6 +110,18 @@ def add(
             "closest to this dataset's images (a cold start when there is none).",
         ),
     ] = None,
+    adapt: Annotated[
+        Literal["scale_shift", "scale", "shift"],
+        typer.Option("--adapt", help="Train γ and β, or only γ (scale) or only β (shift); the other stays identity."),
+    ] = "scale_shift",
+    train_sites: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--train-sites",
+            help="Train only the sites whose names match this fnmatch pattern (repeatable, e.g. '*.attn.*'); "
+            "the others stay identity. Default: every site.",
+        ),
+    ] = None,
     new_version: Annotated[
         bool, typer.Option("--new-version", help="Add a version to an existing task instead of refusing.")
     ] = False,
@@ -132,6 +144,8 @@ def add(
         num_workers=num_workers,
         init_from=init_from,
         nproc=nproc,
+        adapt=adapt,
+        train_sites=train_sites or None,
     )
     with _ProgressBar(name) as bar:
         record, result = train_and_store(

@@ -117,6 +117,14 @@ class TrainConfig(BaseModel):
         description="Start the head as a linear probe fitted on the frozen features (its L2 weight chosen on val), "
         "or at random.",
     )
+    adapt: Literal["scale_shift", "scale", "shift"] = Field(
+        default="scale_shift", description="Which of γ and β train; the other stays at identity (γ = 1, β = 0)."
+    )
+    train_sites: list[str] | None = Field(
+        default=None,
+        description="fnmatch patterns of the site names whose γ/β train (e.g. '*.attn.*'); the other sites stay at "
+        "identity. None trains every site.",
+    )
     nproc: int = Field(
         default=1,
         ge=1,

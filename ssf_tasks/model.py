@@ -8,6 +8,7 @@ mode: its weights and BatchNorm statistics are shared by every task and never ch
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from .errors import (
     BackboneError,
     BatchMismatchError,
     DuplicateTaskError,
+    PatternMatchError,
     StateDictMismatchError,
     TaskNotFoundError,
 )
@@ -207,6 +209,45 @@ class MultiTaskSSF(nn.Module):
                 table = getattr(module, attr)
                 setattr(module, attr, _like(table, table.detach()[keep].clone()))
         self._set_tasks([self.task_names[i] for i in keep], [self._counts[i] for i in keep])
+
+    def table_keys(self) -> list[str]:
+        """The state-dict key of each table, in the order :meth:`isolate_tasks` yields the tables."""
+        keys = []
+        for site_name, site in self.named_sites():
+            keys.append(f"{site_name}.ssf_scale")
+            if site.ssf_shift is not None:
+                keys.append(f"{site_name}.ssf_shift")
+        return [*keys, "head.weight", "head.bias"]
+
+    def pin_to_identity(
+        self, name: str, *, adapt: str = "scale_shift", train_sites: Sequence[str] | None = None
+    ) -> set[str]:
+        """Set the γ (to 1) and β (to 0) of task ``name`` that are not to train; returns their state-dict keys.
+
+        ``adapt`` is ``"scale_shift"``, ``"scale"`` or ``"shift"``; ``train_sites`` are fnmatch patterns of the
+        site names that train (None: every site). What is pinned folds to the backbone's own weights.
+        """
+        if adapt not in ("scale_shift", "scale", "shift"):
+            raise ValueError(f"adapt must be 'scale_shift', 'scale' or 'shift', got {adapt!r}")
+        names = [site_name for site_name, _ in self.named_sites()]
+        training = set(names)
+        if train_sites is not None:
+            training = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in train_sites)}
+            if not training:
+                raise PatternMatchError(f"no SSF site matches {list(train_sites)} (sites look like {names[0]!r})")
+        state = self.task_state_dict(name)
+        pinned = set()
+        for key in state:
+            site_name, _, attr = key.rpartition(".")
+            if site_name == "head":
+                continue
+            trains = site_name in training and (adapt == "scale_shift" or attr == f"ssf_{adapt}")
+            if not trains:
+                state[key] = torch.ones_like(state[key]) if attr == "ssf_scale" else torch.zeros_like(state[key])
+                pinned.add(key)
+        if pinned:
+            self.update_task(name, state)
+        return pinned
 
     def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """One task's γ/β (``<site>.ssf_scale``, ``<site>.ssf_shift``) and head (``head.weight``, ``head.bias``)."""

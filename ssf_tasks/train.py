@@ -245,6 +245,7 @@ def train_task(
     epoch = 0
     saved = model.task_state_dict(name)  # restored if the run fails or is interrupted
     try:
+        pinned = model.pin_to_identity(name, adapt=config.adapt, train_sites=config.train_sites)
         if config.head_init == "probe":
             probe_val = fit_probe_head(
                 model, name, train_set, config, val_set=val_set, device=device, parallel=parallel
@@ -254,7 +255,8 @@ def train_task(
             if probe_val is not None:
                 best = (probe_val, 0, model.task_state_dict(name))
                 history.append({"epoch": 0.0, "val_top1": probe_val})
-        with model.isolate_tasks([name]) as params:
+        with model.isolate_tasks([name]) as tables:
+            params = [t for key, t in zip(model.table_keys(), tables, strict=True) if key not in pinned]
             forward = parallel.wrap(model, name, params) if parallel else partial(model, tasks=name)
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
             scheduler = CosineLRScheduler(

@@ -79,6 +79,7 @@ def expected_params() -> dict[str, int]:
         "full": sum(p.numel() for p in vit.parameters()),
         "lora": sum(LORA_RANK * (m.in_features + m.out_features) for m in linears),
         "ssf": MultiTaskSSF(vit).ssf_parameters_per_task,
+        "ssf-defaults": MultiTaskSSF(vit).ssf_parameters_per_task,
     }
 
 
@@ -92,11 +93,14 @@ def test_every_method_gives_a_row_per_dataset_with_scores_in_range(run):
         assert len(row["test_top1"]) == 1 and row["seeds"] == 1
         assert all(0.0 <= top1 <= 1.0 for top1 in row["test_top1"])
         assert row["test_top1_mean"] == row["test_top1"][0] and row["test_top1_std"] == 0.0
+        assert f"| {row['dataset']} | {row['method']} | {row['trainable_params']:,} |" in output
+        if row["method"] == "ssf-defaults":  # task add with no flags: nothing searched, the config's defaults
+            assert row["grid"] == {} and row["chosen"] == TrainConfig().lr and row["epochs"] == TrainConfig().epochs
+            continue
         # The chosen value is the grid's best on val (the test split plays no part in the choice).
         assert len(row["grid"]) == 3 and row["val_top1"] == max(v for v in row["grid"].values() if v is not None)
         assert row["grid"][f"{row['chosen']:g}"] == row["val_top1"]
         assert row["seconds_per_run"] > 0
-        assert f"| {row['dataset']} | {row['method']} | {row['trainable_params']:,} |" in output
     assert results["environment"]["backbone"]["timm_name"] == "test_vit"
     assert results["environment"]["config"]["epochs"] == 1
 
@@ -157,3 +161,21 @@ def test_lora_is_skipped_with_a_reason_where_the_backbone_has_no_such_layers(wor
 def test_bad_options_are_refused_before_any_work(tmp_path, args):
     result = invoke(f"sqlite:///{tmp_path / 'r.db'}", "bench", "accuracy", *args)
     assert result.exit_code == 2, result.output
+
+
+def test_ablations_train_only_what_they_name(workdir):
+    """Scale only trains every γ and no β; attention only trains the γ/β of the attention sites alone."""
+    config = TrainConfig(epochs=1, batch_size=8, device="cpu")
+    record = backbone_record("test_vit", workdir / "w.safetensors")
+    rows = bench_accuracy([workdir / "colours"], record, config, methods=["ssf-scale", "ssf-attn"], seeds=1)
+    torch.manual_seed(0)
+    sites = MultiTaskSSF(timm.create_model("test_vit", num_classes=0)).named_sites()
+    scales = sum(site.channels for _, site in sites)
+    attention = sum(site.channels * (1 + (site.ssf_shift is not None)) for name, site in sites if ".attn." in name)
+    assert 0 < attention < MultiTaskSSF(timm.create_model("test_vit", num_classes=0)).ssf_parameters_per_task
+    head = 64 * 4 + 4
+    assert [(r["method"], r["trainable_params"]) for r in rows] == [
+        ("ssf-scale", scales + head),
+        ("ssf-attn", attention + head),
+    ]
+    assert all(len(r["grid"]) == 3 and len(r["test_top1"]) == 1 for r in rows)

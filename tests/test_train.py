@@ -104,3 +104,35 @@ def test_ctrl_c_stops_cleanly_and_changes_nothing(setup):
     with pytest.raises(TrainingInterrupted, match="interrupted at epoch 1"):
         train_task(model, "cifar", train, config, progress=interrupt)
     assert _states_equal(before, model.task_state_dict("cifar"))
+
+
+@pytest.mark.parametrize(
+    ("adapt", "train_sites"), [("scale", None), ("shift", None), ("scale_shift", ["layer1.*", "fc"])]
+)
+def test_what_does_not_train_stays_exactly_identity(setup, adapt, train_sites):
+    model, train, _ = setup
+    config = TrainConfig(epochs=2, batch_size=12, lr=3e-2, device="cpu", adapt=adapt, train_sites=train_sites)
+    train_task(model, "cifar", train, config)
+    state = model.task_state_dict("cifar")
+    sites = [name for name, _ in model.named_sites()]
+    trained_sites = [n for n in sites if n.startswith("layer1.")] if train_sites else sites
+    assert 0 < len(trained_sites) <= len(sites)
+    for name in sites:
+        scale, shift = state[f"{name}.ssf_scale"], state.get(f"{name}.ssf_shift")
+        scale_trains = name in trained_sites and adapt != "shift"
+        shift_trains = name in trained_sites and adapt != "scale"
+        # A trained table moved off its random init; a pinned one is exactly identity (weight decay included).
+        assert torch.equal(scale, torch.ones_like(scale)) is not scale_trains, name
+        if shift is not None:
+            assert torch.equal(shift, torch.zeros_like(shift)) is not shift_trains, name
+
+
+def test_train_sites_matching_nothing_is_refused_and_changes_nothing(setup):
+    from ssf_tasks.errors import PatternMatchError
+
+    model, train, _ = setup
+    before = model.task_state_dict("cifar")
+    config = TrainConfig(epochs=1, batch_size=12, device="cpu", train_sites=["*.attn.*"])
+    with pytest.raises(PatternMatchError, match=r"no SSF site matches \['\*\.attn\.\*'\]"):
+        train_task(model, "cifar", train, config)
+    assert _states_equal(before, model.task_state_dict("cifar"))
