@@ -493,9 +493,8 @@ def _bench_method(
             row["test_top1"].append(test_top1)
             row["trainable_params"] = params
             seconds.append(train_seconds)
-            log(
-                f"{where}: seed {seed}, val top-1 {_score(val_top1)}, test top-1 {test_top1:.4f} ({train_seconds:.1f} s)"
-            )
+            scores = f"val top-1 {_score(val_top1)}, test top-1 {test_top1:.4f}"
+            log(f"{where}: seed {seed}, {scores} ({train_seconds:.1f} s)")
         row["val_top1"] = statistics.fmean(vals)  # the last epoch's, as for every other row
     elif method == "ssf" or method in ABLATIONS:
         config = config.model_copy(update=ABLATIONS.get(method, {}))
