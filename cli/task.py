@@ -122,6 +122,13 @@ def add(
             "the others stay identity. Default: every site.",
         ),
     ] = None,
+    head_init: Annotated[
+        Literal["probe", "random"],
+        typer.Option(
+            "--head-init",
+            help="Start the head as a linear probe fitted on the frozen features (L2 chosen on val/), or at random.",
+        ),
+    ] = "probe",
     new_version: Annotated[
         bool, typer.Option("--new-version", help="Add a version to an existing task instead of refusing.")
     ] = False,
@@ -146,6 +153,7 @@ def add(
         nproc=nproc,
         adapt=adapt,
         train_sites=train_sites or None,
+        head_init=head_init,
     )
     with _ProgressBar(name) as bar:
         record, result = train_and_store(
