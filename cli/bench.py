@@ -480,3 +480,66 @@ def routing(
     if out is not None:
         env = {**common.environment(), "backbone": record.model_dump(mode="json"), "config": config.model_dump()}
         common.write_rows(out, env, started, rows)
+
+
+@app.command("warm-start")
+def warm_start(
+    ctx: typer.Context,
+    source: Annotated[
+        list[Path],
+        typer.Option("--source", metavar="DIR", help="ImageFolder tree registered first (repeat: one per --target)"),
+    ],
+    target: Annotated[
+        list[Path],
+        typer.Option("--target", metavar="DIR", help="ImageFolder tree trained cold and from its --source"),
+    ],
+    backbone: Annotated[str | None, typer.Option("--backbone", help="a backbone of the registry")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="a timm model instead of --backbone (with --weights)")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="weights of --model: a file, package:NAME or hub[:TAG]")
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="cold and warm runs per pair")] = 3,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", min=8, help="square input side (default: the backbone's)")
+    ] = None,
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device")] = "auto",
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 0,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", file_okay=False, help="keep the runs' registry here (default: a temporary one)"),
+    ] = None,
+    out: Out = None,
+) -> None:
+    """Warm start (task add --init-from SOURCE) against cold start on pairs of related tasks: epochs to the cold
+    runs' best val top-1, test top-1, and which task --init-from auto picks. Runs on the CPU too."""
+    if (backbone is None) == (model is None):
+        raise typer.BadParameter("give either --backbone or --model (with --weights)", param_hint="--backbone")
+    if len(source) != len(target):
+        raise typer.BadParameter(
+            f"{len(source)} --source and {len(target)} --target: give one --source per --target", param_hint="--source"
+        )
+    from ssf_tasks.config import TrainConfig
+    from ssf_tasks.train import resolve_device
+    from ssf_tasks_bench import common
+    from ssf_tasks_bench.warm_start import bench_warm_start, markdown_table
+
+    config = TrainConfig(epochs=epochs, lr=lr, input_size=input_size, device=device, num_workers=num_workers)
+    resolve_device(device)
+    record = _backbone_of(ctx, backbone, model, weights)
+    started = time.time()
+    rows = bench_warm_start(
+        list(zip(map(str, source), map(str, target), strict=True)),
+        record,
+        config,
+        seeds=seeds,
+        workdir=workdir,
+        log=lambda line: typer.echo(line, err=True),
+    )
+    typer.echo(markdown_table(rows))
+    if out is not None:
+        env = {**common.environment(), "backbone": record.model_dump(mode="json"), "config": config.model_dump()}
+        common.write_rows(out, env, started, rows)

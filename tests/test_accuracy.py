@@ -179,3 +179,40 @@ def test_ablations_train_only_what_they_name(workdir):
         ("ssf-attn", attention + head),
     ]
     assert all(len(r["grid"]) == 3 and len(r["test_top1"]) == 1 for r in rows)
+
+
+def test_warm_start_compares_cold_and_warm_runs_of_each_pair(workdir, tmp_path):
+    """``bench warm-start``: the sources are stored first, ``auto`` picks among them, the warm runs really start from
+    the source (its γ/β are the warm run's starting point, so epoch 0's probe differs from the cold one's)."""
+    out = tmp_path / "warm.json"
+    model = ["--model", "test_vit", "--weights", workdir / "w.safetensors"]
+    pair = ["--source", workdir / "colours", "--target", workdir / "noisy"]
+    args = ["--seeds", "2", "--epochs", "2", "--device", "cpu", "--workdir", tmp_path / "runs", "--out", out]
+    result = invoke(f"sqlite:///{tmp_path / 'unused.db'}", "bench", "warm-start", *model, *pair, *args)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["source"], row["target"], row["auto_init_from"], row["seeds"]) == ("colours", "noisy", "colours", 2)
+    for how in ("cold", "warm"):
+        assert len(row[f"{how}_val_curve"]) == 3  # the probe head (epoch 0) and two epochs
+        assert len(row[f"{how}_test_top1"]) == 2 and all(0 <= t <= 1 for t in row[f"{how}_test_top1"])
+    engine = registry.open_registry(f"sqlite:///{tmp_path / 'runs' / 'registry.db'}")
+    try:
+        with Session(engine) as s:
+            stored = {r.name: r.train_config.init_from for r in registry.list_tasks(s)}
+    finally:
+        engine.dispose()
+    assert stored == {
+        "colours": None,
+        "noisy-auto": "colours",
+        **{f"noisy-cold-colours-{seed}": None for seed in (0, 1)},
+        **{f"noisy-warm-colours-{seed}": "colours" for seed in (0, 1)},
+    }
+
+
+def test_warm_start_needs_one_source_per_target(workdir, tmp_path):
+    model = ["--model", "test_vit", "--weights", workdir / "w.safetensors"]
+    pairs = ["--source", workdir / "colours", "--source", workdir / "noisy", "--target", workdir / "noisy"]
+    result = invoke(f"sqlite:///{tmp_path / 'r.db'}", "bench", "warm-start", *model, *pairs)
+    assert result.exit_code == 2
+    assert "2 --source and 1 --target: give one --source per --target" in " ".join(result.output.split())
+    assert not (tmp_path / "r.db").exists()
