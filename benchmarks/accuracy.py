@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssf_tasks import registry
 from ssf_tasks.backbones import create_backbone, describe_weights, fingerprint
-from ssf_tasks.catalog import load_backbone, transform
+from ssf_tasks.catalog import check_input_size, load_backbone, transform
 from ssf_tasks.config import BackboneRecord, TrainConfig
 from ssf_tasks.data import SPLITS, DatasetSplits, ImageDataset, load_splits
 from ssf_tasks.errors import DataError, TrainingError
@@ -385,6 +385,7 @@ def bench_accuracy(
             return bench_accuracy(
                 datasets, backbone, config, methods=methods, seeds=seeds, grids=grids, workdir=tmp, log=log
             )
+    check_input_size(load_backbone(backbone), backbone, config)  # before any run, not in the middle of one
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     engine = registry.open_registry(f"sqlite:///{root.resolve() / 'registry.db'}")

@@ -18,10 +18,11 @@ from . import registry
 from .backbones import create_backbone, describe_weights, fingerprint, weights_data_config
 from .config import BackboneRecord, TaskRecord, TrainConfig
 from .data import build_transform, resolve_input_config
-from .errors import BackboneMismatchError
+from .errors import BackboneMismatchError, DataError
 
 __all__ = [
     "add_backbone",
+    "check_input_size",
     "data_config",
     "eval_transform",
     "list_backbones",
@@ -99,6 +100,32 @@ def data_config(backbone: nn.Module, record: BackboneRecord, config: TrainConfig
     return resolve_input_config(
         backbone, input_size=config.input_size, mean=override.get("mean"), std=override.get("std")
     )
+
+
+def check_input_size(backbone: nn.Module, record: BackboneRecord, config: TrainConfig) -> None:
+    """Refuse an input size the backbone cannot take (a ViT or Swin built for its pretrained size), before any work.
+
+    One blank image of that size goes through the backbone on the CPU: a failure there would otherwise come as a
+    traceback from deep inside timm after the data had been read.
+
+    Raises:
+        DataError: naming the size, the backbone and the size it takes.
+    """
+    if config.input_size is None:
+        return
+    import torch
+
+    channels, height, width = data_config(backbone, record, config)["input_size"]
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, channels, height, width, device=next(backbone.parameters()).device))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        pretrained = resolve_input_config(backbone)["input_size"]
+        raise DataError(
+            f"backbone '{record.name}' ({record.timm_name}) does not take {height}x{width} inputs "
+            f"({' '.join(str(e).split())}); leave out --input-size to use its {pretrained[1]}x{pretrained[2]}",
+            field="input_size",
+        ) from e
 
 
 def transform(backbone: nn.Module, record: BackboneRecord, config: TrainConfig, *, train: bool) -> Callable:

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from . import registry
-from .catalog import load_backbone, transform
+from .catalog import check_input_size, load_backbone, transform
 from .config import BackboneRecord, TaskMetrics, TaskRecord, TrainConfig, validate_name
 from .data import DatasetSplits, ImageDataset, load_splits
 from .distributed import check_data_parallel, train_distributed
@@ -87,6 +87,7 @@ def train_and_store(
 
     splits = load_splits(data)
     module = load_backbone(backbone_record)
+    check_input_size(module, backbone_record, config)
     eval_tf = transform(module, backbone_record, config, train=False)
     routing = _routing_entry(module, splits, eval_tf, config)  # on the plain backbone, before SSF sites go in
     if auto_init:  # the stored task whose classes look most like this dataset's, or a cold start if none is stored

@@ -255,6 +255,20 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.endswith("-shm")}
 
 
+def test_an_input_size_the_backbone_cannot_take_is_refused_before_training(url, workdir, tmp_path):
+    """A ViT built for 160x160 images only (test_vit3) and --input-size 64: one line naming both sizes, nothing stored."""
+    import timm
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_vit3").state_dict(), tmp_path / "vit.safetensors")
+    added = invoke(url, "backbone", "add", "vit", "--model", "test_vit3", "--weights", tmp_path / "vit.safetensors")
+    assert added.exit_code == 0, added.output
+    before = snapshot(url)
+    args = ["task", "add", "t", "--backbone", "vit", "--data", workdir / "data", "--input-size", "64"]
+    assert_clean_error(invoke(url, *args, "--device", "cpu"), "does not take 64x64 inputs", "its 160x160")
+    assert snapshot(url) == before
+
+
 def test_debug_env_shows_the_traceback(url):
     result = invoke(url, "task", "show", "nope", env={"SSF_TASKS_DEBUG": "1"})
     assert result.exit_code != 0 and type(result.exception).__name__ == "TaskNotFoundError"
