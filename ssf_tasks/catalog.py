@@ -105,8 +105,8 @@ def data_config(backbone: nn.Module, record: BackboneRecord, config: TrainConfig
 def check_input_size(backbone: nn.Module, record: BackboneRecord, config: TrainConfig) -> None:
     """Refuse an input size the backbone cannot take (a ViT or Swin built for its pretrained size), before any work.
 
-    One blank image of that size goes through the backbone on the CPU: a failure there would otherwise come as a
-    traceback from deep inside timm after the data had been read.
+    One blank image of that size goes through the backbone (in eval mode, so no statistics change): a failure there
+    would otherwise come as a traceback from deep inside timm once training has started.
 
     Raises:
         DataError: naming the size, the backbone and the size it takes.
@@ -116,9 +116,10 @@ def check_input_size(backbone: nn.Module, record: BackboneRecord, config: TrainC
     import torch
 
     channels, height, width = data_config(backbone, record, config)["input_size"]
+    was_training = backbone.training
     try:
         with torch.no_grad():
-            backbone(torch.zeros(1, channels, height, width, device=next(backbone.parameters()).device))
+            backbone.eval()(torch.zeros(1, channels, height, width, device=next(backbone.parameters()).device))
     except (AssertionError, RuntimeError, ValueError) as e:
         pretrained = resolve_input_config(backbone)["input_size"]
         raise DataError(
@@ -126,6 +127,8 @@ def check_input_size(backbone: nn.Module, record: BackboneRecord, config: TrainC
             f"({' '.join(str(e).split())}); leave out --input-size to use its {pretrained[1]}x{pretrained[2]}",
             field="input_size",
         ) from e
+    finally:
+        backbone.train(was_training)
 
 
 def transform(backbone: nn.Module, record: BackboneRecord, config: TrainConfig, *, train: bool) -> Callable:
