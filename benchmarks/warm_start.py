@@ -6,7 +6,8 @@ and warm (``--init-from SOURCE``) with the same seeds. Every run is ``ssf_tasks.
 code ``task add`` runs, in a registry of the benchmark's own.
 
 Reported per pair: val top-1 after each epoch (mean over seeds; epoch 0 is the probe head), the first epoch at
-which each run reaches the cold runs' best val top-1 (mean), and test top-1 of the best val epoch, mean ± std.
+which the cold and the warm mean curves reach the best point of the cold mean curve, and test top-1 (of each run's
+best val epoch, as ``task add`` stores it), mean ± std.
 """
 
 from __future__ import annotations
@@ -38,10 +39,6 @@ def _curve(history: list[dict[str, float]]) -> list[float]:
 
 def _first_epoch_reaching(curve: list[float], level: float) -> int | None:
     return next((epoch for epoch, value in enumerate(curve) if value >= level), None)
-
-
-def _mean_or_none(values: list[int | None]) -> float | None:
-    return statistics.fmean(values) if values and all(v is not None for v in values) else None  # type: ignore[arg-type]
 
 
 def bench_warm_start(
@@ -103,7 +100,8 @@ def bench_warm_start(
             curves = {how: [_curve(r.history) for r in results] for how, results in runs.items()}
             if not all(curves["cold"]):
                 raise ValueError(f"{target} has no val/ split: the curves are val top-1")
-            cold_best = statistics.fmean(max(curve) for curve in curves["cold"])
+            mean_curves = {how: [statistics.fmean(v) for v in zip(*c, strict=True)] for how, c in curves.items()}
+            cold_best = max(mean_curves["cold"])
             row: Row = {
                 "source": src,
                 "target": dst,
@@ -116,10 +114,8 @@ def bench_warm_start(
             }
             for how, results in runs.items():
                 tests = [r.test_top1 for r in results]
-                row[f"{how}_val_curve"] = [statistics.fmean(values) for values in zip(*curves[how], strict=True)]
-                row[f"{how}_epochs_to_cold_best"] = _mean_or_none(
-                    [_first_epoch_reaching(curve, cold_best) for curve in curves[how]]
-                )
+                row[f"{how}_val_curve"] = mean_curves[how]
+                row[f"{how}_epochs_to_cold_best"] = _first_epoch_reaching(mean_curves[how], cold_best)
                 row[f"{how}_test_top1"] = tests
                 row[f"{how}_test_top1_mean"] = statistics.fmean(tests) if None not in tests else None
                 row[f"{how}_test_top1_std"] = statistics.stdev(tests) if len(tests) > 1 and None not in tests else 0.0
@@ -134,8 +130,8 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def _epochs(value: float | None) -> str:
-    return "not reached" if value is None else f"{value:.1f}"
+def _epochs(value: int | None) -> str:
+    return "not reached" if value is None else str(value)
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

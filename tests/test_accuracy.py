@@ -192,6 +192,10 @@ def test_warm_start_compares_cold_and_warm_runs_of_each_pair(workdir, tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["source"], row["target"], row["auto_init_from"], row["seeds"]) == ("colours", "noisy", "colours", 2)
+    cold = row["cold_val_curve"]
+    assert (row["cold_best_val_top1"], row["cold_epochs_to_cold_best"]) == (max(cold), cold.index(max(cold)))
+    warm_reached = [epoch for epoch, value in enumerate(row["warm_val_curve"]) if value >= max(cold)]
+    assert row["warm_epochs_to_cold_best"] == (warm_reached[0] if warm_reached else None)
     for how in ("cold", "warm"):
         assert len(row[f"{how}_val_curve"]) == 3  # the probe head (epoch 0) and two epochs
         assert len(row[f"{how}_test_top1"]) == 2 and all(0 <= t <= 1 for t in row[f"{how}_test_top1"])
