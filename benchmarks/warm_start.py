@@ -21,6 +21,7 @@ from typing import Any
 
 from ssf_tasks import registry
 from ssf_tasks.config import BackboneRecord, TrainConfig
+from ssf_tasks.errors import DataError
 from ssf_tasks.training_job import train_and_store
 
 __all__ = ["bench_warm_start", "markdown_table"]
@@ -99,7 +100,7 @@ def bench_warm_start(
                 runs["warm"].append(task_add(f"{dst}-warm-{src}-{seed}", target, seed=seed, init_from=src)[1])
             curves = {how: [_curve(r.history) for r in results] for how, results in runs.items()}
             if not all(curves["cold"]):
-                raise ValueError(f"{target} has no val/ split: the curves are val top-1")
+                raise DataError(f"{target} has no val/ split: the curves are val top-1")
             mean_curves = {how: [statistics.fmean(v) for v in zip(*c, strict=True)] for how, c in curves.items()}
             cold_best = max(mean_curves["cold"])
             row: Row = {
