@@ -21,6 +21,7 @@ from typing import Any
 
 from ssf_tasks import registry
 from ssf_tasks.config import BackboneRecord, TrainConfig
+from ssf_tasks.data import load_splits
 from ssf_tasks.errors import DataError
 from ssf_tasks.training_job import train_and_store
 
@@ -61,6 +62,9 @@ def bench_warm_start(
         workdir: Where the benchmark's registry goes (a temporary folder by default).
         log: Called with one line per finished run.
     """
+    for _, target in pairs:  # before any run: the curves are val top-1
+        if not load_splits(target).val:
+            raise DataError(f"{target} has no val/ split: the warm-start curves are val top-1")
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="ssf-bench-warm-start-") as tmp:
             return bench_warm_start(pairs, backbone, config, seeds=seeds, workdir=tmp, log=log)
@@ -99,8 +103,6 @@ def bench_warm_start(
                 runs["cold"].append(task_add(f"{dst}-cold-{src}-{seed}", target, seed=seed)[1])
                 runs["warm"].append(task_add(f"{dst}-warm-{src}-{seed}", target, seed=seed, init_from=src)[1])
             curves = {how: [_curve(r.history) for r in results] for how, results in runs.items()}
-            if not all(curves["cold"]):
-                raise DataError(f"{target} has no val/ split: the curves are val top-1")
             mean_curves = {how: [statistics.fmean(v) for v in zip(*c, strict=True)] for how, c in curves.items()}
             cold_best = max(mean_curves["cold"])
             row: Row = {
