@@ -79,7 +79,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "ssf-random-head": {"head_init": "random"},
 }
 DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
-    "linear": (1e-4, 1e-3, 1e-2),  # L2 strength on standardised features
+    "linear": (1e-4, 1e-3, 1e-2, 1e-1, 1.0),  # L2 strength on standardised features
     "bitfit": (1e-3, 3e-3, 1e-2),
     "full": (1e-5, 3e-5, 1e-4),
     "lora": (3e-4, 1e-3, 3e-3),

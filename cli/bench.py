@@ -502,7 +502,7 @@ def warm_start(
     ] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="cold and warm runs per pair")] = 3,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-3,
     input_size: Annotated[
         int | None, typer.Option("--input-size", min=8, help="square input side (default: the backbone's)")
     ] = None,

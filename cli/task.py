@@ -78,7 +78,7 @@ def add(
     ],
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 5e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 1e-4,
     warmup_epochs: Annotated[int, typer.Option("--warmup-epochs", min=0)] = 1,
     patience: Annotated[

@@ -98,7 +98,7 @@ class TrainConfig(BaseModel):
 
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=5e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     warmup_epochs: int = Field(default=1, ge=0)
     seed: int = 0

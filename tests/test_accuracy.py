@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from conftest import write_image_folder
 from ssf_tasks import MultiTaskSSF, registry
 from ssf_tasks.config import TrainConfig
-from ssf_tasks_bench.accuracy import LORA_RANK, METHODS, backbone_record, bench_accuracy, lora_targets
+from ssf_tasks_bench.accuracy import DEFAULT_GRIDS, LORA_RANK, METHODS, backbone_record, bench_accuracy, lora_targets
 from ssf_tasks_cli.main import app
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}
@@ -98,7 +98,9 @@ def test_every_method_gives_a_row_per_dataset_with_scores_in_range(run):
             assert row["grid"] == {} and row["chosen"] == TrainConfig().lr and row["epochs"] == TrainConfig().epochs
             continue
         # The chosen value is the grid's best on val (the test split plays no part in the choice).
-        assert len(row["grid"]) == 3 and row["val_top1"] == max(v for v in row["grid"].values() if v is not None)
+        assert len(row["grid"]) == len(DEFAULT_GRIDS.get(row["method"], DEFAULT_GRIDS["ssf"])) and row[
+            "val_top1"
+        ] == max(v for v in row["grid"].values() if v is not None)
         assert row["grid"][f"{row['chosen']:g}"] == row["val_top1"]
         assert row["seconds_per_run"] > 0
     assert results["environment"]["backbone"]["timm_name"] == "test_vit"

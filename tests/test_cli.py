@@ -469,3 +469,17 @@ def test_bench_without_cuda_is_a_one_line_error(bench_calls, monkeypatch, args):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == ["error: the benchmarks need a CUDA device (none is visible to torch)"]
     assert bench_calls == []  # nothing was set up or run
+
+
+def test_task_add_option_defaults_are_the_training_defaults():
+    """`task add` with no flags trains with TrainConfig's defaults: what BENCHMARKS measures as "the defaults"."""
+    import typer.main
+
+    from ssf_tasks.config import TrainConfig
+
+    add = typer.main.get_command(app).commands["task"].commands["add"]
+    options = {p.name: p.default for p in add.params if p.name in TrainConfig.model_fields}
+    assert {"epochs", "lr", "weight_decay", "warmup_epochs", "batch_size", "head_init", "adapt"} <= set(options)
+    for field, default in options.items():
+        expected = TrainConfig.model_fields[field].default
+        assert default == expected, f"--{field.replace('_', '-')} defaults to {default!r}, TrainConfig to {expected!r}"

@@ -23,7 +23,7 @@ from ssf_tasks.taskfiles import task_tensors
 from ssf_tasks_cli.main import app
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TRAIN_ARGS = ["--backbone", "mnv2", "--input-size", "64", "--device", "cpu", "--epochs", "4", "--batch-size", "32"]
+TRAIN_ARGS = ["--backbone", "mnv2", "--input-size", "64", "--device", "cpu", "--batch-size", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,10 @@ def _task_add(url: str, name: str, data: Path, *extra: str) -> dict:
 
 
 def test_task_add_with_its_defaults_learns_mnist(url: str, mnist: Path) -> None:
-    record = _task_add(url, "digits", mnist)
+    record = _task_add(url, "digits", mnist, "--epochs", "8")
     test_top1 = record["metrics"]["test_top1"]
-    # Measured: 0.824 (4 epochs at 64 px, deterministic on the CPU); chance is 0.10.
+    # Measured: 0.828 (8 epochs at 64 px, deterministic on the CPU; val 0.90 for the probe head, 0.94 at best);
+    # chance is 0.10. Fewer epochs end before the run climbs back above the probe from the dip the peak lr causes.
     assert test_top1 >= 0.75, record["metrics"]
     probe_val = record["metrics"]["history"][0]["val_top1"]
     best_val = max(epoch["val_top1"] for epoch in record["metrics"]["history"])
@@ -70,7 +71,7 @@ def test_task_add_with_its_defaults_learns_mnist(url: str, mnist: Path) -> None:
 
 def test_from_a_random_head_ssf_alone_learns_mnist(url: str, mnist: Path) -> None:
     """No probe head to lean on: what the held-out top-1 reaches, γ/β and the head learned by gradient descent."""
-    record = _task_add(url, "digits-random-head", mnist, "--head-init", "random", "--lr", "0.01")
+    record = _task_add(url, "digits-random-head", mnist, "--epochs", "4", "--head-init", "random", "--lr", "0.01")
     # Measured: 0.508, still rising (val 0.17, 0.31, 0.46, 0.61 over the 4 epochs); chance is 0.10.
     assert record["metrics"]["test_top1"] >= 0.35, record["metrics"]
     engine = registry.open_registry(url)
