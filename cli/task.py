@@ -129,6 +129,14 @@ def add(
             help="Start the head as a linear probe fitted on the frozen features (L2 chosen on val/), or at random.",
         ),
     ] = "probe",
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit/--no-refit",
+            help="After val/ has chosen the best epoch, train again on train/ + val/ for that many epochs and store "
+            "that (twice the time; the reported val top-1 is the first run's).",
+        ),
+    ] = False,
     new_version: Annotated[
         bool, typer.Option("--new-version", help="Add a version to an existing task instead of refusing.")
     ] = False,
@@ -154,6 +162,7 @@ def add(
         adapt=adapt,
         train_sites=train_sites or None,
         head_init=head_init,
+        refit=refit,
     )
     with _ProgressBar(name) as bar:
         record, result = train_and_store(

@@ -130,6 +130,11 @@ class TrainConfig(BaseModel):
         ge=1,
         description="Data-parallel processes (one GPU each on CUDA); each takes batch_size / nproc images a step.",
     )
+    refit: bool = Field(
+        default=False,
+        description="Once val has chosen the best epoch E, train again from the same start on train + val for E "
+        "epochs and store that (the VTAB-1k protocol: the stored task has seen every labelled image).",
+    )
 
 
 class BackboneRecord(BaseModel):
@@ -163,6 +168,9 @@ class TaskMetrics(BaseModel):
     history: list[dict[str, float]] = Field(
         default_factory=list,
         description="Per epoch: 'epoch', 'loss', 'train_top1', 'val_top1' where measured; epoch 0 is the probe head.",
+    )
+    refit_epochs: int | None = Field(
+        default=None, description="Epochs of the refit on train + val that made the stored state (None: no refit)."
     )
 
 

@@ -7,7 +7,9 @@ failure at any point (bad data, NaN loss, Ctrl-C) leaves it exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -33,7 +35,7 @@ from .routing import (
     feature_layer,
 )
 from .taskfiles import task_payload, task_tensors
-from .train import TrainProgress, TrainResult, resolve_device, train_task
+from .train import TrainProgress, TrainResult, evaluate, fit_probe_head, resolve_device, train_task
 
 __all__ = ["train_and_store"]
 
@@ -113,6 +115,7 @@ def train_and_store(
 
     train_tf = transform(module, backbone_record, config, train=True)
     train = train_task if config.nproc == 1 else train_distributed  # the same contract, over nproc processes
+    start = model.task_state_dict(name)
     result = train(
         model,
         name,
@@ -122,6 +125,12 @@ def train_and_store(
         test_set=ImageDataset(splits.test, eval_tf) if splits.test else None,
         progress=progress,
     )
+    refit_epochs = None
+    if config.refit and splits.val:
+        refit_epochs = result.best_epoch
+        both = ImageDataset(splits.train + splits.val, train_tf)
+        test = ImageDataset(splits.test, eval_tf) if splits.test else None
+        result = _refit(train, model, name, start, result, both, test, config, progress)
     record = TaskRecord(
         name=name,
         backbone=backbone,
@@ -135,6 +144,7 @@ def train_and_store(
             train_seconds=result.train_seconds,
             best_epoch=result.best_epoch,
             history=result.history,
+            refit_epochs=refit_epochs,
         ),
     )
     payload = task_payload(model.task_state_dict(name))
@@ -142,6 +152,43 @@ def train_and_store(
         stored = registry.add_task_version(s, record, payload, new_version=new_version)
         registry.set_task_routing(s, name, stored.version, entry_payload(routing))
     return stored, result
+
+
+def _refit(
+    train: Callable[..., TrainResult],
+    model: MultiTaskSSF,
+    name: str,
+    start: dict[str, torch.Tensor],
+    selection: TrainResult,
+    both: ImageDataset,
+    test: ImageDataset | None,
+    config: TrainConfig,
+    progress: Callable[[TrainProgress], None] | None,
+) -> TrainResult:
+    """Train again from ``start`` on train + val for the best number of epochs that ``selection`` found on val.
+
+    val has then been trained on, so the result keeps the selection run's val top-1, best epoch and history; its
+    test top-1 is the refit model's, its epochs and seconds are the two runs' sums. When the probe head won on val
+    (best epoch 0), the refit is the probe head alone, fitted on train + val.
+    """
+    model.update_task(name, start)
+    if selection.best_epoch == 0:
+        started = time.perf_counter()
+        fit_probe_head(model, name, both, config)
+        score = None
+        if test is not None:
+            device = resolve_device(config.device)
+            score = evaluate(model, name, test, batch_size=config.batch_size, device=device, amp=config.amp)
+        refit = TrainResult(0, 0, None, score, time.perf_counter() - started)
+    else:
+        again = config.model_copy(update={"epochs": selection.best_epoch, "patience": None})
+        refit = train(model, name, both, again, test_set=test, progress=progress)
+    return dataclasses.replace(
+        selection,
+        test_top1=refit.test_top1,
+        epochs_run=selection.epochs_run + refit.epochs_run,
+        train_seconds=selection.train_seconds + refit.train_seconds,
+    )
 
 
 def _init_source(s: Session, task: str, backbone: BackboneRecord) -> tuple[TaskRecord, bytes]:

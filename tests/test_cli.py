@@ -483,3 +483,40 @@ def test_task_add_option_defaults_are_the_training_defaults():
     for field, default in options.items():
         expected = TrainConfig.model_fields[field].default
         assert default == expected, f"--{field.replace('_', '-')} defaults to {default!r}, TrainConfig to {expected!r}"
+
+
+def test_refit_stores_a_plain_run_on_train_and_val_for_the_chosen_epochs(url, workdir, tmp_path):
+    """`--refit`: val/ picks the epoch count, then a run on train/ + val/ for that many epochs is what gets stored."""
+    from ssf_tasks.data import load_splits
+
+    ok(url, "task", "add", "refit", "--backbone", "tr", "--data", workdir / "data", *TRAIN_ARGS, "--refit")
+    rows = {r["name"]: r for r in map(json.loads, ok(url, "task", "list", "--json").output.splitlines())}
+    metrics = rows["refit"]["metrics"]
+    best = metrics["best_epoch"]
+    assert best >= 1 and metrics["refit_epochs"] == best
+    assert metrics["epochs_run"] == 2 + best  # the selection run's 2 epochs, then the refit's
+    assert metrics["val_top1"] == next(h["val_top1"] for h in metrics["history"] if h["epoch"] == best)
+
+    # The same images in the same order (train then val) as one training split, trained `best` epochs, no val.
+    splits = load_splits(workdir / "data")
+    both = tmp_path / "both"
+    both.mkdir()
+    for split, samples in (("train", splits.train + splits.val), ("test", splits.test)):
+        with (both / f"{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label"])
+            writer.writerows((str(s.path), splits.class_names[s.label]) for s in samples)
+    plain = [a if a != "2" else str(best) for a in TRAIN_ARGS]  # --epochs 2 -> --epochs best
+    ok(url, "task", "add", "plain", "--backbone", "tr", "--data", both, *plain)
+    engine = registry.open_registry(url)
+    try:
+        with Session(engine) as s:
+            refit = task_tensors(registry.get_task_payload(s, "refit"), "refit")
+            again = task_tensors(registry.get_task_payload(s, "plain"), "plain")
+    finally:
+        engine.dispose()
+    assert refit.keys() == again.keys()
+    for key in refit:
+        torch.testing.assert_close(refit[key], again[key], msg=key)
+    plain_rows = {r["name"]: r for r in map(json.loads, ok(url, "task", "list", "--json").output.splitlines())}
+    assert metrics["test_top1"] == plain_rows["plain"]["metrics"]["test_top1"]
