@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from torch.utils.data import Dataset
 
 from . import registry
 from .catalog import check_input_size, load_backbone, transform
@@ -160,8 +161,8 @@ def _refit(
     name: str,
     start: dict[str, torch.Tensor],
     selection: TrainResult,
-    both: ImageDataset,
-    test: ImageDataset | None,
+    both: Dataset,
+    test: Dataset | None,
     config: TrainConfig,
     progress: Callable[[TrainProgress], None] | None,
 ) -> TrainResult:

@@ -136,3 +136,29 @@ def test_train_sites_matching_nothing_is_refused_and_changes_nothing(setup):
     with pytest.raises(PatternMatchError, match=r"no SSF site matches \['\*\.attn\.\*'\]"):
         train_task(model, "cifar", train, config)
     assert _states_equal(before, model.task_state_dict("cifar"))
+
+
+def test_refit_after_the_probe_head_won_is_the_probe_head_on_train_and_val(setup):
+    """Best epoch 0 on val: the refit trains no γ/β, it fits the probe head again on every labelled image."""
+    from torch.utils.data import ConcatDataset
+
+    from ssf_tasks.train import TrainResult, fit_probe_head
+    from ssf_tasks.training_job import _refit
+
+    model, train, val = setup
+    config = TrainConfig(epochs=3, batch_size=12, device="cpu")
+    start = model.task_state_dict("cifar")
+    both = ConcatDataset([train, val])
+    selection = TrainResult(best_epoch=0, epochs_run=3, val_top1=0.5, test_top1=0.1, train_seconds=1.0)
+    model.update_task("cifar", {k: v + 0.5 for k, v in start.items()})  # where the selection run left it
+    result = _refit(train_task, model, "cifar", start, selection, both, val, config, None)
+
+    refitted = model.task_state_dict("cifar")
+    model.update_task("cifar", start)
+    fit_probe_head(model, "cifar", both, config)  # no val: the middle L2 of PROBE_L2
+    expected = model.task_state_dict("cifar")
+    for key in expected:
+        torch.testing.assert_close(refitted[key], expected[key], msg=key)
+    assert any(not torch.equal(expected[k], start[k]) for k in expected if k.startswith("head."))
+    assert result.best_epoch == 0 and result.val_top1 == 0.5 and result.epochs_run == 3
+    assert result.test_top1 == pytest.approx(evaluate(model, "cifar", val, device="cpu"))
