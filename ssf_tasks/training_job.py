@@ -22,7 +22,7 @@ from .catalog import check_input_size, load_backbone, transform
 from .config import BackboneRecord, TaskMetrics, TaskRecord, TrainConfig, validate_name
 from .data import DatasetSplits, ImageDataset, load_splits
 from .distributed import check_data_parallel, train_distributed
-from .errors import BackboneMismatchError
+from .errors import BackboneMismatchError, DataError
 from .model import MultiTaskSSF
 from .routing import (
     AUTO_TASK,
@@ -89,6 +89,8 @@ def train_and_store(
         registry.check_writable(s)  # rolled back when the session closes
 
     splits = load_splits(data)
+    if config.refit and not splits.val:
+        raise DataError(f"--refit needs a val/ split in {data} to choose its number of epochs on", field="refit")
     module = load_backbone(backbone_record)
     check_input_size(module, backbone_record, config)
     eval_tf = transform(module, backbone_record, config, train=False)
@@ -127,7 +129,7 @@ def train_and_store(
         progress=progress,
     )
     refit_epochs = None
-    if config.refit and splits.val:
+    if config.refit:
         refit_epochs = result.best_epoch
         both = ImageDataset(splits.train + splits.val, train_tf)
         test = ImageDataset(splits.test, eval_tf) if splits.test else None

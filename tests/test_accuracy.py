@@ -98,9 +98,8 @@ def test_every_method_gives_a_row_per_dataset_with_scores_in_range(run):
             assert row["grid"] == {} and row["chosen"] == TrainConfig().lr and row["epochs"] == TrainConfig().epochs
             continue
         # The chosen value is the grid's best on val (the test split plays no part in the choice).
-        assert len(row["grid"]) == len(DEFAULT_GRIDS.get(row["method"], DEFAULT_GRIDS["ssf"])) and row[
-            "val_top1"
-        ] == max(v for v in row["grid"].values() if v is not None)
+        assert len(row["grid"]) == len(DEFAULT_GRIDS.get(row["method"], DEFAULT_GRIDS["ssf"]))
+        assert row["val_top1"] == max(v for v in row["grid"].values() if v is not None)
         assert row["grid"][f"{row['chosen']:g}"] == row["val_top1"]
         assert row["seconds_per_run"] > 0
     assert results["environment"]["backbone"]["timm_name"] == "test_vit"

@@ -520,3 +520,15 @@ def test_refit_stores_a_plain_run_on_train_and_val_for_the_chosen_epochs(url, wo
         torch.testing.assert_close(refit[key], again[key], msg=key)
     plain_rows = {r["name"]: r for r in map(json.loads, ok(url, "task", "list", "--json").output.splitlines())}
     assert metrics["test_top1"] == plain_rows["plain"]["metrics"]["test_top1"]
+
+
+def test_refit_without_val_is_a_clean_error(url, workdir, tmp_path):
+    manifest = tmp_path / "train.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows((p, p.parent.name) for p in sorted((workdir / "data" / "train").glob("*/*.jpg")))
+    before = snapshot(url)
+    result = invoke(url, "task", "add", "norefit", "--backbone", "tr", "--data", manifest, *TRAIN_ARGS, "--refit")
+    assert_clean_error(result, "--refit needs a val/ split")
+    assert snapshot(url) == before
