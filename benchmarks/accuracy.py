@@ -482,9 +482,12 @@ def _bench_method(
         log(f"{where}: l2 {chosen:g}, test top-1 {accuracy:.4f}")
     elif method == "ssf-defaults":
         # What `task add NAME --data DATASET` does with no flags: TrainConfig's defaults, no search, the dataset
-        # as it is (train/ trains, val/ picks the best epoch, test/ scores). Only where it runs comes from `config`.
+        # as it is (train/ trains, val/ picks the best epoch, test/ scores). Only where it runs and the input size
+        # come from `config`.
         as_is = _link_view(root / "views" / f"{index}-{splits.root.name}" / "as-is", splits, {s: [s] for s in SPLITS})
-        defaults = TrainConfig(device=config.device, amp=config.amp, num_workers=config.num_workers)
+        defaults = TrainConfig(
+            device=config.device, amp=config.amp, num_workers=config.num_workers, input_size=config.input_size
+        )
         row["chosen"], row["epochs"] = defaults.lr, defaults.epochs
         row["note"] = f"task add defaults: {defaults.epochs} epochs, lr {defaults.lr:g}, no search, train/ only"
         seconds, vals = [], []
