@@ -119,21 +119,21 @@ def train_and_store(
     train_tf = transform(module, backbone_record, config, train=True)
     train = train_task if config.nproc == 1 else train_distributed  # the same contract, over nproc processes
     start = model.task_state_dict(name)
+    test_set = ImageDataset(splits.test, eval_tf) if splits.test else None
     result = train(
         model,
         name,
         ImageDataset(splits.train, train_tf),
         config,
         val_set=ImageDataset(splits.val, eval_tf) if splits.val else None,
-        test_set=ImageDataset(splits.test, eval_tf) if splits.test else None,
+        test_set=None if config.refit else test_set,  # with a refit, only the refitted state is scored on test
         progress=progress,
     )
     refit_epochs = None
     if config.refit:
         refit_epochs = result.best_epoch
         both = ImageDataset(splits.train + splits.val, train_tf)
-        test = ImageDataset(splits.test, eval_tf) if splits.test else None
-        result = _refit(train, model, name, start, result, both, test, config, progress)
+        result = _refit(train, model, name, start, result, both, test_set, config, progress)
     record = TaskRecord(
         name=name,
         backbone=backbone,
@@ -181,7 +181,15 @@ def _refit(
         score = None
         if test is not None:
             device = resolve_device(config.device)
-            score = evaluate(model, name, test, batch_size=config.batch_size, device=device, amp=config.amp)
+            score = evaluate(
+                model,
+                name,
+                test,
+                batch_size=config.batch_size,
+                device=device,
+                amp=config.amp,
+                num_workers=config.num_workers,
+            )
         refit = TrainResult(0, 0, None, score, time.perf_counter() - started)
     else:
         again = config.model_copy(update={"epochs": selection.best_epoch, "patience": None})
